@@ -1,0 +1,221 @@
+"""The typed, frozen configuration of one run: defaults in code, then YAML, then `--set` overrides.
+
+    cfg = load_run_config("run.yaml", ["train.lr=0.01", "model.name=svm"])
+
+Validation happens once, here; an invalid value raises `ConfigError` naming the
+field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from carclf.errors import CarclfError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(CarclfError, ValueError):
+    """A configuration value (file, field or override) is invalid; the message names it."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Frozen):
+    path: Path = Path("demo_data")  # any ImageFolder tree: one folder per class
+    classes: list[str] | None = None  # a named list; None keeps all (or the top_k)
+    top_k: int | None = Field(default=None, ge=1)  # keep the K most frequent classes (the study kept 10)
+    min_images: int = Field(default=5, ge=1)  # classes with fewer images are left out, with a warning
+    image_size: int = Field(default=224, ge=16, le=1024)  # overridden by the model's input config when None-able
+    cache_dir: Path | None = None  # decode and feature caches; None means carclf.paths.cache_root()
+
+
+class SplitConfig(_Frozen):
+    train: float = Field(default=0.7, gt=0, lt=1)
+    val: float = Field(default=0.1, gt=0, lt=1)
+    test: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test must sum to 1, got {total:.4f}")
+        return self
+
+
+class BalanceConfig(_Frozen):
+    mode: Literal["none", "undersample", "oversample", "both"] = "both"
+    samples_per_class: int | None = Field(default=None, ge=1)  # None: the median class count of the train split
+    class_weights: bool = False  # weight the loss by inverse class frequency instead of (or on top of) resampling
+
+
+class AugmentConfig(_Frozen):
+    strength: float = Field(default=0.5, ge=0.0, le=1.0)  # 0 = no augmentation, 1 = the strongest preset
+
+
+class ModelConfig(_Frozen):
+    name: str = "simple_cnn"
+    weights: str = "imagenet"  # 'imagenet' | 'none' | a path to a local state_dict
+    finetune: Literal["head", "full"] = "head"  # transfer learning: train the new head only, or everything
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from carclf.models import list_models
+
+        names = list_models()
+        if v not in names:
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(names)}")
+        return v
+
+
+class TrainConfig(_Frozen):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    patience: int = Field(default=3, ge=1)  # early stopping on validation macro-F1
+    num_workers: int | None = Field(default=None, ge=0)  # None: auto (0 on CPU, a few on CUDA)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = True  # mixed precision, used on CUDA only
+
+
+class SVMConfig(_Frozen):
+    backbone: str = "vgg16"  # the CNN whose features the SVM reads
+    backbone_weights: str = "imagenet"
+    features: Literal["gap", "penultimate"] = "gap"  # global-average-pooled or penultimate-layer features
+    kernel: Literal["linear", "rbf"] = "rbf"
+    C: float = Field(default=1.0, gt=0)
+    gamma: Union[Literal["scale"], float] = "scale"
+    linear_impl: Literal["svc", "liblinear"] = "svc"  # liblinear = LinearSVC, faster on many samples
+    augment_copies: int = Field(default=1, ge=1)  # feature passes over the (balanced) train split
+
+    @field_validator("gamma")
+    @classmethod
+    def _positive_gamma(cls, v):
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("gamma must be 'scale' or a positive number")
+        return v
+
+
+class TrackingConfig(_Frozen):
+    experiment: str = "carclf"
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite at the project root
+    run_name: str | None = None
+    log_model: bool = True
+
+
+class RunConfig(_Frozen):
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    balance: BalanceConfig = BalanceConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    svm: SVMConfig = SVMConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+
+    @property
+    def is_svm(self) -> bool:
+        return self.model.name == "svm"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict to dotted keys: {'train': {'lr': 1}} -> {'train.lr': 1}; lists become JSON."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set d['a']['b'] = value for key 'a.b', creating nested dicts on the way."""
+    parts = key.split(".")
+    node = d
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """['train.lr=0.01', 'data.classes=[a, b]'] -> nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
+        set_dotted(out, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing, unreadable or non-mapping file raises ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "(root)"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {field}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then `key=value` overrides; validated once."""
+    data = read_yaml(path) if path is not None else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    source = str(path) if path is not None else "config"
+    return validate_run_config(data, source)

@@ -1,0 +1,45 @@
+"""Where carclf keeps things: the project root, the MLflow database, caches, sweep results."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path:
+    """The folder that holds `mlflow.db` and `results/`.
+
+    `CARCLF_PROJECT_ROOT` wins; a source checkout (editable install) uses the
+    checkout; otherwise the current directory. Always absolute, because Ray
+    runs each trial in its own working directory.
+    """
+    env = os.environ.get("CARCLF_PROJECT_ROOT")
+    if env:
+        return Path(env).expanduser().resolve()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "carclf").is_dir():
+        return checkout
+    return Path.cwd().resolve()
+
+
+def cache_root() -> Path:
+    """Default cache folder: `CARCLF_CACHE_DIR`, else `$XDG_CACHE_HOME/carclf`, else `~/.cache/carclf`."""
+    env = os.environ.get("CARCLF_CACHE_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return (base / "carclf").resolve()
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else an absolute sqlite URI to `mlflow.db` at the project root."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def results_root() -> Path:
+    """Sweep outputs (Ray storage, results tables, reports) live under `<project>/results/`."""
+    return project_root() / "results"
