@@ -1,0 +1,157 @@
+"""The report: selection by validation only, tables and intervals, the self-contained HTML, and a real run."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from carclf.config import RunConfig
+from carclf.errors import SweepError
+from carclf.report import (FamilyRetest, SeedRun, SweepInfo, comparison_table, confused_pairs_table, mcnemar_table,
+                           per_class_f1_table, render_html, resolve_sweep, select_best, unfinished)
+
+# --------------------------------------------------------------------------- selection
+
+
+def _trials() -> pd.DataFrame:
+    # svm: trial b is best on validation, trial a best on test -> b must be picked.
+    # cnn: the best-validation trial failed, another is still running without a metric.
+    return pd.DataFrame([
+        {"run_id": "a", "trial_id": "t1", "model": "svm", "status": "FINISHED", "start_time": 1,
+         "error": "", "val_f1_macro": 0.70, "test_f1_macro": 0.95},
+        {"run_id": "b", "trial_id": "t2", "model": "svm", "status": "FINISHED", "start_time": 2,
+         "error": "", "val_f1_macro": 0.80, "test_f1_macro": 0.60},
+        {"run_id": "c", "trial_id": "t3", "model": "simple_cnn", "status": "FAILED", "start_time": 3,
+         "error": "RuntimeError: boom", "val_f1_macro": 0.99, "test_f1_macro": 0.99},
+        {"run_id": "d", "trial_id": "t4", "model": "simple_cnn", "status": "FINISHED", "start_time": 4,
+         "error": "", "val_f1_macro": 0.50, "test_f1_macro": 0.90},
+        {"run_id": "e", "trial_id": "t5", "model": "simple_cnn", "status": "RUNNING", "start_time": 5,
+         "error": "", "val_f1_macro": np.nan, "test_f1_macro": np.nan},
+        {"run_id": "f", "trial_id": "t6", "model": "alexnet", "status": "KILLED", "start_time": 6,
+         "error": "", "val_f1_macro": np.nan, "test_f1_macro": np.nan},
+    ])
+
+
+def test_select_best_uses_validation_not_test_and_only_finished_trials():
+    best = select_best(_trials(), "val_f1_macro", "max").set_index("model")
+    assert sorted(best.index) == ["simple_cnn", "svm"]  # alexnet never finished
+    assert best.loc["svm", "run_id"] == "b"  # best validation, worst test
+    assert best.loc["simple_cnn", "run_id"] == "d"  # the failed trial's 0.99 does not count
+
+
+def test_select_best_min_mode_and_ties_go_to_the_earlier_trial():
+    t = _trials().assign(val_loss=[0.3, 0.3, 0.1, 0.9, np.nan, np.nan])
+    best = select_best(t, "val_loss", "min").set_index("model")
+    assert best.loc["svm", "run_id"] == "a"  # tie at 0.3: started first
+
+
+def test_select_best_refuses_a_test_metric():
+    with pytest.raises(SweepError, match="test figure"):
+        select_best(_trials(), "test_f1_macro", "max")
+
+
+def test_unfinished_lists_failed_running_and_killed_trials():
+    left = unfinished(_trials(), "val_f1_macro")
+    assert left["run_id"].tolist() == ["c", "e", "f"]
+    assert "boom" in left.set_index("run_id").loc["c", "error"]
+
+
+# --------------------------------------------------------------------------- sweep folder
+
+
+def test_resolve_sweep_by_name_and_by_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
+    folder = tmp_path / "results" / "quick"
+    folder.mkdir(parents=True)
+    meta = {"name": "quick", "parent_run_id": "p1", "experiment": "carclf", "tracking_uri": "sqlite:///x.db",
+            "storage_path": str(folder / "ray"), "metric": "val_f1_macro", "mode": "max"}
+    (folder / "sweep.json").write_text(json.dumps(meta))
+    by_name, by_path = resolve_sweep("quick"), resolve_sweep(str(folder))
+    assert by_name == by_path
+    assert by_name.report_dir == folder.resolve() / "report"
+
+
+def test_resolve_sweep_missing_names_the_sweep(tmp_path, monkeypatch):
+    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
+    with pytest.raises(SweepError, match="no sweep 'nope'.*carclf sweep"):
+        resolve_sweep("nope")
+
+
+def test_resolve_sweep_rejects_incomplete_sweep_json(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "x", "metric": "val_f1_macro"}))
+    with pytest.raises(SweepError, match="lacks parent_run_id, tracking_uri, mode"):
+        resolve_sweep(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- tables and HTML
+
+
+CLASSES = ["bus", "sedan", "van"]
+
+
+def _family(model: str, error_rate: float, seeds: int = 3, n: int = 90) -> FamilyRetest:
+    y = np.arange(n) % 3
+    fam = FamilyRetest(model=model, trial_run_id=f"trial-{model}", trial_id="t", val_metric=0.8,
+                       config=RunConfig(model={"name": "svm" if model == "svm" else "simple_cnn"}))
+    for s in range(seeds):
+        rng = np.random.default_rng(100 * s + len(model))
+        pred = y.copy()
+        wrong = rng.random(n) < error_rate
+        pred[wrong] = (y[wrong] + 1) % 3
+        fam.runs.append(SeedRun(run_id=f"{model}-{s}", seed=s, y_true=y, pred=pred, test_metrics={},
+                                val_metrics={}, train_seconds=2.0 + s, infer_seconds_per_image=0.001,
+                                n_params=1000, size_mb=0.5, classes=CLASSES, test_hash="h"))
+    return fam
+
+
+def test_comparison_table_means_intervals_and_cost_columns():
+    fams = [_family("svm", 0.1), _family("simple_cnn", 0.4)]
+    table = comparison_table(fams, "val_f1_macro", n_boot=300).set_index("model")
+    for model, fam in zip(["svm", "simple_cnn"], fams):
+        accs = [np.mean(r.pred == r.y_true) for r in fam.runs]
+        row = table.loc[model]
+        assert row["test_accuracy"] == pytest.approx(np.mean(accs))
+        assert row["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+        for m in ("accuracy", "precision_macro", "recall_macro", "f1_macro"):
+            assert row[f"test_{m}_ci_low"] <= row[f"test_{m}"] <= row[f"test_{m}_ci_high"]
+        assert row["train_seconds"] == pytest.approx(3.0) and row["infer_ms_per_image"] == pytest.approx(1.0)
+        assert row["representative_run_id"] == f"{model}-0" and row["seeds"] == 3
+    assert "kernel=" in table.loc["svm", "configuration"] and "lr=" in table.loc["simple_cnn", "configuration"]
+
+
+def test_mcnemar_table_flags_a_real_difference_and_not_a_null_one():
+    fams = [_family("svm", 0.05, n=300), _family("simple_cnn", 0.5, n=300), _family("resnet18", 0.05, n=300)]
+    fams[2].runs[0].pred = fams[0].runs[0].pred.copy()  # identical representative predictions
+    table = mcnemar_table(fams).set_index(["model_a", "model_b"])
+    assert table.loc[("svm", "simple_cnn"), "p_holm"] < 1e-6 and table.loc[("svm", "simple_cnn"), "significant"]
+    assert table.loc[("svm", "resnet18"), "p_value"] == 1.0 and not table.loc[("svm", "resnet18"), "significant"]
+    assert (table["p_holm"] >= table["p_value"]).all()
+
+
+def test_per_class_and_confused_pairs_tables():
+    fams = [_family("svm", 0.2), _family("simple_cnn", 0.4)]
+    per_class = per_class_f1_table(fams)
+    assert per_class["class"].tolist() == CLASSES and per_class["support"].tolist() == [30, 30, 30]
+    assert (per_class["svm"] > per_class["simple_cnn"]).all()
+    pairs = confused_pairs_table(fams, k=2)
+    # errors are always true -> true+1: bus->sedan, sedan->van, van->bus
+    assert set(zip(pairs["true"], pairs["predicted"])) <= {("bus", "sedan"), ("sedan", "van"), ("van", "bus")}
+    assert pairs.groupby("model").size().to_dict() == {"simple_cnn": 2, "svm": 2}
+
+
+def test_html_is_self_contained_and_holds_table_and_every_figure(tmp_path):
+    fams = [_family("svm", 0.1), _family("simple_cnn", 0.3)]
+    table = comparison_table(fams, "val_f1_macro", n_boot=100)
+    info = SweepInfo("quick", tmp_path, "parent", "carclf", "sqlite:///x.db", "val_f1_macro", "max")
+    png = b"\x89PNG\r\n\x1a\nfake"
+    page = render_html(info=info, table=table, mcnemar=mcnemar_table(fams), per_class=per_class_f1_table(fams),
+                       confused=confused_pairs_table(fams), not_finished=unfinished(_trials(), "val_f1_macro"),
+                       problems=["alexnet: no finished trial, not retested"],
+                       figures_png={"bars": png, "confusion": png},
+                       notes={"created": "now", "seeds": 3, "n_test": 90, "test_hash": "abc", "n_boot": 100})
+    assert len(re.findall(r"<img [^>]*src='data:image/png;base64,", page)) == 2
+    assert not re.search(r"(src|href)=['\"](https?:|//|/)", page)  # nothing fetched from anywhere
+    assert page.count("<table") == 6 and "alexnet: no finished trial" in page and "RuntimeError: boom" in page
+    assert f"{table.loc[0, 'test_accuracy']:.3f}" in page
