@@ -229,8 +229,8 @@ def _network_with_weights(name: str, weights, image_size: int | None, **kw) -> t
     size = image_size or arch.input_config.size
     if size < arch.min_size:
         raise ConfigError(f"image_size={size} is below {name}'s minimum of {arch.min_size} px")
+    state, sha = resolve_weights(name, weights)  # first: a missing file fails before a slow build
     model = arch.make(**kw)
-    state, sha = resolve_weights(name, weights)
     if state is not None:
         _load_into(model, arch, state, str(weights))
     model.input_config = replace(arch.input_config, size=size)
