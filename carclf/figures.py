@@ -1,0 +1,150 @@
+"""Figures for runs and reports, as pure functions returning matplotlib Figures (no pyplot state).
+
+    fig = confusion_figure(counts, classes, normalize=True)
+    save_figure(fig, "results/confusion.png")
+
+Figures are built on `matplotlib.figure.Figure` directly, so they are safe in
+worker processes and never open a window; `save_figure` writes PNG atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+
+def _bar_figure(labels: Sequence[str], values, *, ylabel: str, title: str, ylim=None) -> Figure:
+    fig = Figure(figsize=(max(4.0, 0.5 * len(labels) + 2), 4), layout="constrained")
+    ax = fig.add_subplot()
+    positions = np.arange(len(labels))
+    bars = ax.bar(positions, values, color="tab:blue")
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set_xticks(positions, [str(x) for x in labels], rotation=45, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    return fig
+
+
+def class_frequency_figure(table: pd.DataFrame, title: str = "Images per class") -> Figure:
+    """Bars of `count` per `class` (the data part's class_table)."""
+    return _bar_figure(table["class"].tolist(), table["count"].to_numpy(), ylabel="images", title=title)
+
+
+def per_class_f1_figure(report: pd.DataFrame, title: str = "Per-class F1") -> Figure:
+    """Bars of `f1` per `class` (metrics.per_class_report)."""
+    return _bar_figure(report["class"].tolist(), report["f1"].to_numpy(), ylabel="F1", title=title, ylim=(0, 1.05))
+
+
+def _draw_confusion(fig: Figure, ax, counts, classes: Sequence[str], normalize: bool, title: str) -> None:
+    counts = np.asarray(counts)
+    rows = counts.sum(axis=1, keepdims=True)
+    values = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0) if normalize else counts
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(values.max()), 1))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, list(classes), rotation=45, ha="right")
+    ax.set_yticks(ticks, list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    threshold = 0.5 * (1 if normalize else values.max())  # white text on dark cells
+    for i, j in np.ndindex(values.shape):
+        text = f"{values[i, j]:.2f}" if normalize else str(int(values[i, j]))
+        colour = "white" if values[i, j] > threshold else "black"
+        ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7)
+
+
+def _confusion_side(n_classes: int) -> float:
+    return max(4.0, 0.45 * n_classes + 2.5)
+
+
+def confusion_figure(counts, classes: Sequence[str], normalize: bool = True, title: str | None = None) -> Figure:
+    """Heatmap of a confusion matrix (rows: true class), each cell annotated; row-normalised by default."""
+    side = _confusion_side(len(classes))
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    default = "Confusion matrix (row-normalised)" if normalize else "Confusion matrix (counts)"
+    _draw_confusion(fig, fig.add_subplot(), counts, classes, normalize, title or default)
+    return fig
+
+
+def confusion_grid_figure(matrices: Mapping[str, tuple], normalize: bool = True, ncols: int = 3) -> Figure:
+    """One confusion heatmap per name ({name: (counts, classes)}), side by side, wrapping after `ncols`."""
+    if not matrices:
+        raise ValueError("confusion_grid_figure needs at least one matrix")
+    n = len(matrices)
+    cols = min(ncols, n)
+    rows = -(-n // cols)
+    side = _confusion_side(max(len(classes) for _, classes in matrices.values()))
+    fig = Figure(figsize=((side + 1) * cols, side * rows), layout="constrained")
+    for k, (name, (counts, classes)) in enumerate(matrices.items(), start=1):
+        _draw_confusion(fig, fig.add_subplot(rows, cols, k), counts, classes, normalize, str(name))
+    return fig
+
+
+def training_curves_figure(history: Sequence[Mapping[str, float]], title: str = "Training curves") -> Figure:
+    """Losses (keys ending in 'loss') on the left, scores (accuracy, F1...) on the right, per epoch."""
+    frame = pd.DataFrame(list(history))
+    if frame.empty:
+        raise ValueError("training_curves_figure needs at least one epoch of history")
+    epochs = frame["epoch"] if "epoch" in frame else pd.Series(np.arange(1, len(frame) + 1))
+    numeric = [c for c in frame.columns if c != "epoch" and pd.api.types.is_numeric_dtype(frame[c])]
+    panels = {
+        "loss": [c for c in numeric if c.endswith("loss")],
+        # scores in [0, 1]; other numbers (learning rate, seconds) have other scales and stay out
+        "score": [c for c in numeric if c.endswith(("accuracy", "_macro", "_weighted"))],
+    }
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig.suptitle(title)
+    for k, (ylabel, columns) in enumerate(panels.items(), start=1):
+        ax = fig.add_subplot(1, 2, k)
+        for column in columns:
+            ax.plot(epochs, frame[column], marker="o", markersize=3, label=column)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        if columns:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def metric_bars_figure(df: pd.DataFrame, metrics: Sequence[str], title: str = "Models compared") -> Figure:
+    """Grouped bars: one group per row of `df` (its 'model' column), one bar per metric, with error bars
+    from '<metric>_std' columns where present."""
+    missing = [m for m in ["model", *metrics] if m not in df.columns]
+    if missing:
+        raise ValueError(f"metric_bars_figure: columns {missing} missing; have {list(df.columns)}")
+    labels = df["model"].astype(str).tolist()
+    positions = np.arange(len(labels))
+    width = 0.8 / max(len(metrics), 1)
+    fig = Figure(figsize=(max(5.0, 1.2 * len(labels) * max(1, len(metrics) / 2) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for k, metric in enumerate(metrics):
+        errors = df[f"{metric}_std"].to_numpy() if f"{metric}_std" in df.columns else None
+        offset = (k - (len(metrics) - 1) / 2) * width
+        ax.bar(positions + offset, df[metric].to_numpy(), width, yerr=errors, capsize=3, label=metric)
+    ax.set_xticks(positions, labels, rotation=30, ha="right")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write `fig` as PNG to `path` atomically (a temp file in the same folder, then os.replace)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
