@@ -108,7 +108,7 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
             img.load()
             rgb = to_rgb(_apply_exif_orientation(img))
     resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(resized, dtype=np.uint8)
+    return np.array(resized, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
 
 
 def read_error(exc: BaseException) -> str:

@@ -14,9 +14,9 @@ REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "st
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache_dir(tmp_path, monkeypatch):
-    """Every test writes caches under its own tmp folder, never the user's ~/.cache/carclf."""
-    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / ".carclf-cache"))
+def _isolated_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test writes caches under its own tmp folder (not its tmp_path), never ~/.cache/carclf."""
+    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path_factory.mktemp("carclf-cache")))
 
 
 @pytest.fixture
