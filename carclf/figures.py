@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _bar_figure(labels: Sequence[str], values, *, ylabel: str, title: str, ylim=None) -> Figure:
@@ -108,6 +109,7 @@ def training_curves_figure(history: Sequence[Mapping[str, float]], title: str = 
         for column in columns:
             ax.plot(epochs, frame[column], marker="o", markersize=3, label=column)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         if columns:
             ax.legend(fontsize=8)
