@@ -228,26 +228,6 @@ def class_table(items: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
                          "count": [int(counts.get(c, 0)) for c in classes]})
 
 
-def _class_frequency_figure(table: pd.DataFrame):
-    """Bar chart of images per class (a matplotlib Figure, no pyplot state)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.0, 0.6 * len(table) + 2), 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    bars = ax.bar(table["class"], table["count"], color="#4c72b0")
-    ax.bar_label(bars, fontsize=8)
-    ax.set_ylabel("images")
-    ax.set_title(f"Images per class ({int(table['count'].sum())} in {len(table)} classes)")
-    ax.tick_params(axis="x", labelrotation=45)
-    for label in ax.get_xticklabels():
-        label.set_horizontalalignment("right")
-    return fig
-
-
-def _save_png(fig, path: Path) -> None:
-    atomic_write_bytes(Path(path), lambda f: fig.savefig(f, format="png", dpi=120))
-
-
 def find_duplicates(items: pd.DataFrame) -> list[list[str]]:
     """Groups (sorted, len >= 2) of paths whose files have identical bytes."""
     groups = items.groupby("sha256")["path"].apply(sorted)
@@ -494,8 +474,9 @@ def cli_stats(args) -> int:
         print("  " + "  ==  ".join(group))
     _print_list("skipped files (hidden or not images)", scan.skipped)
     _print_list("unreadable images (left out)", scan.corrupt)
-    figure = Path(args.figure or "class_frequency.png")
-    _save_png(_class_frequency_figure(table), figure)
+    from carclf.figures import class_frequency_figure, save_figure
+
+    figure = save_figure(class_frequency_figure(table), args.figure or "class_frequency.png")
     print(f"\nfigure: {figure}")
     return 0
 

@@ -18,6 +18,14 @@ from carclf.errors import DataError
 from conftest import encode, random_image
 
 
+def _one_image(tmp_path, seed: int) -> tuple[Path, bytes, str]:
+    """A PNG file in tmp_path: (path, its bytes, their sha256)."""
+    path = tmp_path / f"car{seed}.png"
+    data = encode(random_image(seed), "PNG")
+    path.write_bytes(data)
+    return path, data, sha256_bytes(data)
+
+
 def _entries(cache: DecodeCache) -> list[Path]:
     return sorted(cache.root.rglob("*.npy"))
 
@@ -81,10 +89,7 @@ def test_truncated_jpeg_raises():
 
 
 def test_miss_then_hit_without_reading_the_file(tmp_path):
-    path = tmp_path / "car.png"
-    data = encode(random_image(2), "PNG")
-    path.write_bytes(data)
-    sha = sha256_bytes(data)
+    path, data, sha = _one_image(tmp_path, 2)
     cache = DecodeCache(tmp_path / "cache", 16)
     assert not cache.contains(sha)
     first = cache.load(str(path), sha)
@@ -100,10 +105,7 @@ def test_default_root_follows_the_cache_dir_setting(tmp_path, monkeypatch):
 
 
 def test_image_sizes_have_separate_entries(tmp_path):
-    path = tmp_path / "car.png"
-    data = encode(random_image(3), "PNG")
-    path.write_bytes(data)
-    sha = sha256_bytes(data)
+    path, data, sha = _one_image(tmp_path, 3)
     small, large = DecodeCache(tmp_path / "c", 16), DecodeCache(tmp_path / "c", 24)
     assert small.load(str(path), sha).shape == (16, 16, 3)
     assert large.load(str(path), sha).shape == (24, 24, 3)
@@ -147,10 +149,7 @@ def test_load_refuses_a_file_that_changed_since_the_scan(tmp_path):
 
 
 def test_partial_files_are_never_read(tmp_path):
-    path = tmp_path / "car.png"
-    data = encode(random_image(5), "PNG")
-    path.write_bytes(data)
-    sha = sha256_bytes(data)
+    path, data, sha = _one_image(tmp_path, 5)
     cache = DecodeCache(tmp_path / "cache", 16)
     expected = decode_image(data, 16)
     entry = cache.entry_path(sha)
@@ -167,10 +166,7 @@ def test_partial_files_are_never_read(tmp_path):
 
 
 def test_an_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
-    path = tmp_path / "car.png"
-    data = encode(random_image(6), "PNG")
-    path.write_bytes(data)
-    sha = sha256_bytes(data)
+    path, data, sha = _one_image(tmp_path, 6)
     cache = DecodeCache(tmp_path / "cache", 16)
 
     def dies_half_way(f, array, allow_pickle=False):
