@@ -1,0 +1,257 @@
+"""CNN features for the SVM: extracted in batches without gradients, cached on disk as parquet.
+
+    sets = split_features(cfg, data, device=select_device())
+    sets["train"].features.shape    # (n_train * copies, feature_dim)
+
+A cache entry is keyed by everything that changes the numbers (split manifest, backbone,
+its weights' sha256, image size, features mode and, for the train split, augmentation,
+balancing, seed and number of passes), so a second SVM with another C or gamma reads the
+features back without building the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from carclf import paths
+from carclf.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+# Bump when the extraction procedure changes, so old cache entries are not reused.
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+_META_KEY = b"carclf.features"
+
+
+@dataclass
+class FeatureSet:
+    """Features of one split: rows align with `labels` and `paths`; `meta` holds timing and backbone size."""
+
+    features: np.ndarray  # float32 [N, D]
+    labels: np.ndarray  # int64 [N]
+    paths: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+def key_hash(key: dict) -> str:
+    """A stable sha256 of a JSON-able key (sorted keys, so dict order does not matter)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def frame_hash(frame: pd.DataFrame) -> str:
+    """sha256 of the rows that feed the backbone, in order (image content, label, augmented flag)."""
+    cols = [c for c in ("sha256", "label", "augmented") if c in frame.columns]
+    payload = frame[cols].astype(str).agg("|".join, axis=1).str.cat(sep="\n")
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class FeatureCache:
+    """Parquet files under `<root>` (default `cache_root()/features`), one per key; writes are atomic."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else paths.cache_root() / "features"
+
+    def path(self, key: dict) -> Path:
+        return self.root / f"{key.get('split', 'x')}-{key_hash(key)[:32]}.parquet"
+
+    def contains(self, key: dict) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: dict) -> FeatureSet | None:
+        """The cached features for `key`, or None on a miss (an unreadable entry counts as a miss)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            table = pq.read_table(path)
+            dim = table.schema.field("features").type.list_size
+            flat = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            meta = json.loads(table.schema.metadata[_META_KEY])
+        except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+            log.warning("ignoring unreadable feature cache entry %s: %s", path, e)
+            return None
+        return FeatureSet(features=flat.astype(np.float32, copy=False).reshape(-1, dim),
+                          labels=table.column("label").to_numpy().astype(np.int64),
+                          paths=table.column("path").to_pylist(), meta=meta.get("meta", {}))
+
+    def save(self, key: dict, fs: FeatureSet) -> Path:
+        """Write `fs` for `key`: a temp file in the same folder, then os.replace (readers never see half)."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        feats = np.ascontiguousarray(fs.features, dtype=np.float32)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
+        table = pa.table({"path": pa.array(fs.paths, pa.string()), "label": pa.array(fs.labels, pa.int64()),
+                          "features": column})
+        table = table.replace_schema_metadata({_META_KEY: json.dumps({"key": key, "meta": fs.meta})})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def extract_features(backbone: torch.nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
+                     progress: bool = False, num_workers: int | None = None, desc: str = "features") -> np.ndarray:
+    """Run `backbone` over `dataset` in batches under inference mode; float32 [N, D] in dataset order."""
+    from carclf.training import loader_options
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, num_workers))
+    backbone = backbone.to(device).eval()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    chunks = []
+    with torch.inference_mode():
+        for images, _ in _maybe_tqdm(loader, progress, desc):
+            out = backbone(images.to(device, non_blocking=True, memory_format=memory_format))
+            chunks.append(out.float().flatten(1).cpu().numpy())
+    if not chunks:
+        return np.zeros((0, getattr(backbone, "feature_dim", 0)), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _maybe_tqdm(iterable, progress: bool, desc: str):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+_weights_ids: dict[tuple[str, str, float, int], str | None] = {}
+
+
+def weights_id(name: str, weights: str, *, seed: int) -> str:
+    """What identifies the backbone's numbers: the weights file's sha256, or the seed of a random init."""
+    if weights == "none":
+        # Random init depends on the torch seed, which is the run seed.
+        return f"random-seed{seed}"
+    path = Path(weights)
+    stamp = (path.stat().st_mtime, path.stat().st_size) if path.is_file() else (0.0, 0)
+    memo = (name, weights, *stamp)
+    if memo not in _weights_ids:
+        from carclf.models import resolve_weights
+
+        _, sha = resolve_weights(name, weights)
+        _weights_ids[memo] = sha
+    # No file behind the name (a from-scratch network's 'imagenet'): random init, seeded by the run.
+    return _weights_ids[memo] or f"random-seed{seed}"
+
+
+def feature_key(cfg: RunConfig, data, split: str, *, weights_sha: str) -> dict:
+    """The cache key of one split's features; train adds the settings that shape its (augmented) rows."""
+    frame = getattr(data, split)
+    from carclf.data import manifest_hash
+
+    key = {"version": CACHE_VERSION, "split": split, "manifest": manifest_hash(data.manifest),
+           "rows": frame_hash(frame), "backbone": cfg.svm.backbone, "weights": weights_sha,
+           "image_size": cfg.data.image_size, "features": cfg.svm.features}
+    if split == "train":
+        key.update({"augment_strength": cfg.augment.strength, "balance_mode": cfg.balance.mode,
+                    "samples_per_class": cfg.balance.samples_per_class, "seed": cfg.seed,
+                    "copies": cfg.svm.augment_copies})
+    return key
+
+
+def _train_dataset(frame: pd.DataFrame, data, input_config, strength: float, copy_index: int):
+    """Pass 0: original images as the eval preset sees them, fill-up copies augmented; later passes: all augmented.
+
+    Keeps the SVM's view of real photos clean while oversampled copies differ from their originals.
+    Returns the dataset and its frame in the same row order.
+    """
+    from carclf.data import ImageDataset
+    from carclf.transforms import EvalPreset, TrainPreset
+
+    train_tf = TrainPreset(input_config, strength)
+    if copy_index > 0 or "augmented" not in frame.columns:
+        return ImageDataset(frame, data.cache, train_tf), frame
+    originals, copies = frame[~frame["augmented"]], frame[frame["augmented"]]
+    parts = [ImageDataset(originals, data.cache, EvalPreset(input_config))]
+    if len(copies):
+        parts.append(ImageDataset(copies, data.cache, train_tf))
+    return ConcatDataset(parts), pd.concat([originals, copies])
+
+
+def _extract_split(backbone, cfg: RunConfig, data, split: str, *, device, progress: bool) -> FeatureSet:
+    from carclf.data import ImageDataset
+    from carclf.transforms import EvalPreset
+
+    frame = getattr(data, split)
+    ic = backbone.input_config
+    batch = cfg.train.batch_size
+    feats, labels, row_paths = [], [], []
+    start = time.perf_counter()
+    passes = cfg.svm.augment_copies if split == "train" else 1
+    for c in range(passes):
+        if split == "train":
+            # Each pass draws its own, reproducible augmentations.
+            torch.manual_seed(cfg.seed * 1000 + c)
+            dataset, rows = _train_dataset(frame, data, ic, cfg.augment.strength, c)
+        else:
+            dataset, rows = ImageDataset(frame, data.cache, EvalPreset(ic)), frame
+        feats.append(extract_features(backbone, dataset, batch_size=batch, device=device, progress=progress,
+                                      num_workers=cfg.train.num_workers, desc=f"{split} features"))
+        labels.append(rows["label"].to_numpy(dtype=np.int64))
+        row_paths.extend(rows["path"].astype(str).tolist())
+    seconds = time.perf_counter() - start
+    n = sum(len(f) for f in feats)
+    meta = {"seconds": seconds, "seconds_per_image": seconds / max(n, 1), "device": device.type,
+            **backbone_stats(backbone)}
+    return FeatureSet(np.concatenate(feats), np.concatenate(labels), row_paths, meta)
+
+
+def backbone_stats(backbone) -> dict:
+    """Parameter count, size in MB and feature width, kept with the cache so a hit needs no backbone."""
+    from carclf.models import count_parameters, model_size_mb
+
+    return {"backbone_params": int(count_parameters(backbone)), "backbone_size_mb": float(model_size_mb(backbone)),
+            "feature_dim": int(getattr(backbone, "feature_dim", 0))}
+
+
+def split_features(cfg: RunConfig, data, *, device: torch.device, splits=SPLITS, progress: bool = False,
+                   cache: FeatureCache | None = None) -> dict[str, FeatureSet]:
+    """Features for each split: from the cache where present; the backbone is built only on a miss."""
+    if cache is None:
+        root = Path(cfg.data.cache_dir) / "features" if cfg.data.cache_dir else None
+        cache = FeatureCache(root)
+    sha = weights_id(cfg.svm.backbone, cfg.svm.backbone_weights, seed=cfg.seed)
+    keys = {s: feature_key(cfg, data, s, weights_sha=sha) for s in splits}
+    found = {s: cache.load(k) for s, k in keys.items()}
+    missing = [s for s in splits if found[s] is None]
+    if missing:
+        backbone = _build_backbone(cfg)
+        for s in missing:
+            log.info("extracting %s features with %s (%d images)", s, cfg.svm.backbone, len(getattr(data, s)))
+            found[s] = _extract_split(backbone, cfg, data, s, device=device, progress=progress)
+            cache.save(keys[s], found[s])
+    for s in splits:
+        found[s].meta["cached"] = s not in missing
+    log.info("features: %d of %d splits from cache %s", len(splits) - len(missing), len(splits), cache.root)
+    return found
+
+
+def _build_backbone(cfg: RunConfig):
+    from carclf.models import build_backbone
+    from carclf.training import seed_everything
+
+    # Seeded so a randomly initialised backbone ('none' weights) matches its cache key.
+    seed_everything(cfg.seed)
+    return build_backbone(cfg.svm.backbone, weights=cfg.svm.backbone_weights, features=cfg.svm.features,
+                          image_size=cfg.data.image_size)
