@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.models as tvm
 from sklearn.base import BaseEstimator
@@ -328,8 +329,6 @@ def count_parameters(model, trainable_only: bool = False) -> int:
 
 
 def _fitted_numbers(obj, seen: set[int]) -> int:
-    import numpy as np
-
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
