@@ -40,6 +40,8 @@ def _add_data(sub) -> None:
         p.add_argument("--classes", nargs="+", help="keep only these classes")
         p.add_argument("--top-k", type=int, help="keep the K most frequent classes")
         p.add_argument("--min-images", type=int, default=5, help="leave out classes with fewer images")
+        p.add_argument("--cache-dir", help="cache folder for the file-hash index "
+                       "(default: CARCLF_CACHE_DIR, else ~/.cache/carclf)")
 
     stats = dsub.add_parser("stats", help="class table, duplicates, skipped files and the class-frequency figure")
     selection(stats)

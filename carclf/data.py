@@ -241,8 +241,9 @@ def _split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     """(train, val, test) unit counts for one class; val and test get at least one unit when n >= 3."""
     n_val = int(np.floor(n * fractions[1] + 0.5))
     n_test = int(np.floor(n * fractions[2] + 0.5))
-    if n >= 3:
-        n_val, n_test = max(1, n_val), max(1, n_test)
+    if n >= 3:  # a class missing from val or test cannot be scored there
+        n_val = max(1, n_val) if fractions[1] > 0 else 0
+        n_test = max(1, n_test) if fractions[2] > 0 else 0
     while n - n_val - n_test < 1 and (n_val or n_test):
         if n_test >= n_val:
             n_test -= 1

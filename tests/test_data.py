@@ -178,6 +178,11 @@ def test_small_classes_still_reach_every_split():
     assert (manifest.groupby("class")["split"].nunique() == 3).all()
 
 
+def test_a_zero_fraction_leaves_that_split_empty():
+    manifest = D.split_items(_items({"a": 10, "b": 6}), ["a", "b"], fractions=(0.8, 0.0, 0.2))
+    assert set(manifest["split"]) == {"train", "test"}
+
+
 def test_bad_fractions_are_refused():
     with pytest.raises(DataError, match="fractions"):
         D.split_items(_items({"a": 5}), ["a"], fractions=(0.5, 0.2, 0.2))
@@ -303,6 +308,12 @@ def test_cli_stats_and_split(image_folder, tmp_path, capsys):
     manifest = D.load_manifest(manifest_path)
     assert set(manifest["class"]) == {"alpha", "beta", "gamma"}  # rare (2) < default --min-images 5
     _assert_no_leak(manifest)
+
+
+def test_cli_keeps_its_file_index_in_the_chosen_cache_dir(image_folder, tmp_path, capsys):
+    args = ["data", "split", str(image_folder.root), "--out", str(tmp_path / "m.parquet")]
+    assert cli_main(args + ["--cache-dir", str(tmp_path / "cc")]) == 0
+    assert (tmp_path / "cc" / "decode" / "files.parquet").is_file()
 
 
 def test_cli_reports_a_missing_folder_without_traceback(tmp_path, capsys):
