@@ -166,7 +166,11 @@ class FileIndex:
         merged = {**self._read_disk(), **self._rows}
         df = pd.DataFrame([(p, *row) for p, row in sorted(merged.items())], columns=_INDEX_COLUMNS)
         df = df.astype({"size": "int64", "mtime_ns": "int64"})
-        atomic_write_bytes(self.path, lambda f: df.to_parquet(f, index=False))
+        try:
+            atomic_write_bytes(self.path, lambda f: df.to_parquet(f, index=False))
+        except OSError as e:  # only a memo: the next scan re-hashes, nothing is wrong with the data
+            log.warning("cannot save the file index %s: %s", self.path, e.strerror or e)
+            return
         self._rows = merged
         self._dirty = False
 
@@ -221,7 +225,11 @@ class DecodeCache:
 
     def store(self, sha256: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.uint8)
-        atomic_write_bytes(self.entry_path(sha256), lambda f: np.save(f, array, allow_pickle=False))
+        try:
+            atomic_write_bytes(self.entry_path(sha256), lambda f: np.save(f, array, allow_pickle=False))
+        except OSError as e:
+            raise DataError(f"cannot write the decode cache in {self.root}: {e.strerror or e} "
+                            "(set data.cache_dir or CARCLF_CACHE_DIR to a writable folder)") from e
 
     def _read_entry(self, sha256: str) -> np.ndarray | None:
         entry = self._entry_str(sha256)

@@ -91,14 +91,11 @@ def _check_file(path: str, cache: DecodeCache | None) -> tuple[str, str]:
         return "", "empty file (0 bytes)"
     sha = sha256_bytes(data)
     try:
-        if cache is not None:
-            cache.fill(path, data, sha)
-        else:
-            decode_image(data, _VERIFY_SIZE)
-    except DataError as e:
-        return sha, read_error(e.__cause__ or e)
+        array = decode_image(data, cache.image_size if cache is not None else _VERIFY_SIZE)
     except Exception as e:  # any decoder failure means this file is unusable, never that the scan stops
         return sha, read_error(e)
+    if cache is not None:
+        cache.store(sha, array)  # a cache that cannot be written is an error of its own, not a bad image
     return sha, ""
 
 
@@ -162,7 +159,7 @@ def _lookup_known(candidates, index: FileIndex, cache: DecodeCache | None):
 
 
 def _check_many(todo, candidates, cache, bar):
-    """Yield ((position, stat), (sha, error)) per file to read; decoding runs on a few threads (PIL releases the GIL)."""
+    """Yield ((position, stat), (sha, error)) per file to read, decoding on a few threads (PIL releases the GIL)."""
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [(job, pool.submit(_check_file, candidates[job[0]][0], cache)) for job in todo]

@@ -200,5 +200,12 @@ def test_several_processes_fill_the_same_entries_safely(tmp_path):
     assert results[0] == results[1] == results[2]
     cache = DecodeCache(root, 16)
     assert len(_entries(cache)) == 12 and _temp_files(cache) == []
-    for (path, sha), got in zip(jobs, results[0]):
+    for (path, _), got in zip(jobs, results[0]):
         assert got == decode_image(Path(path).read_bytes(), 16).tobytes()
+
+
+def test_an_unwritable_cache_is_an_error_not_a_bad_image(image_folder, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(DataError, match="cannot write the decode cache"):
+        D.scan_folder(image_folder.root, cache=DecodeCache(blocker / "decode", 16))

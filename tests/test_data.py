@@ -53,7 +53,8 @@ def test_scan_reports_bad_files_and_keeps_every_readable_one(image_folder):
     assert image_folder.skipped <= _names(scan.skipped)
     assert not _names(scan.skipped) & {Path(p).name for p in scan.items["path"]}
     assert all(Path(p).is_absolute() for p in scan.items["path"])
-    assert {"upper.JPG", "other.Jpeg", "bitmap.BMP", "scan.TIF", "web.webp"} <= {Path(p).name for p in scan.items["path"]}
+    names = {Path(p).name for p in scan.items["path"]}
+    assert {"upper.JPG", "other.Jpeg", "bitmap.BMP", "scan.TIF", "web.webp"} <= names
 
 
 def test_scan_without_cache_still_finds_truncated_files(image_folder):
