@@ -1,0 +1,375 @@
+"""The typed sweep definition: what a sweep file may say, validated (naming the field) before Ray starts.
+
+    spec = load_sweep_spec("sweeps/quickstart.yaml")
+    params = spec.space_fn()(optuna_trial)          # define-by-run: the model, then only its parameters
+    cfg = spec.run_config(params)                   # a carclf RunConfig for that trial
+
+A parameter is a constant (`epochs: 3`), a list of choices (`{choices: [16, 32]}`) or a range
+(`{low: 1e-4, high: 1e-2, log: true}`; integer bounds give an integer range).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from carclf.config import (ConfigError, RunConfig, deep_merge, format_validation_error, read_yaml, set_dotted,
+                           validate_run_config)
+
+# Metrics every trial reports on the validation split, each epoch (networks) and at the end.
+METRICS = ("val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro",
+           "val_f1_weighted", "val_precision_weighted", "val_recall_weighted")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FloatRange(_Strict):
+    low: float
+    high: float
+    log: bool = False  # log-uniform: learning rates, C and gamma span decades
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def candidates(self) -> list:
+        return [self.low, self.high]
+
+
+class IntRange(_Strict):
+    low: int
+    high: int
+    step: int = Field(default=1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and (self.low <= 0 or self.step != 1):
+            raise ValueError("a log integer range needs low > 0 and step 1")
+        return self
+
+    def suggest(self, trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
+
+    def candidates(self) -> list:
+        return [self.low, self.high]
+
+
+class Choice(_Strict):
+    choices: list[Union[bool, int, float, str, None]] = Field(min_length=1)
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len({repr(x) for x in v}) != len(v):
+            raise ValueError(f"choices must be distinct, got {v}")
+        return v
+
+    def suggest(self, trial, name: str):
+        if len(self.choices) == 1:
+            return self.choices[0]
+        return trial.suggest_categorical(name, self.choices)
+
+    def candidates(self) -> list:
+        return list(self.choices)
+
+
+class GammaRange(FloatRange):
+    scale: bool = False  # also offer sklearn's 'scale' (1 / (n_features * X.var())) next to the range
+
+    def suggest(self, trial, name: str):
+        if self.scale and trial.suggest_categorical(f"{name}_scale", [True, False]):
+            return "scale"
+        return super().suggest(trial, name)
+
+    def candidates(self) -> list:
+        return super().candidates() + (["scale"] if self.scale else [])
+
+
+FloatParam = Union[FloatRange, Choice, float]
+IntParam = Union[IntRange, Choice, int]
+
+
+def _is_searched(p) -> bool:
+    return isinstance(p, (FloatRange, IntRange, Choice))
+
+
+def _candidates(p) -> list:
+    return p.candidates() if _is_searched(p) else [p]
+
+
+def _sample(p, trial, name: str):
+    return p.suggest(trial, name) if _is_searched(p) else p
+
+
+class _Space(_Strict):
+    """Fields map onto RunConfig paths (FIELDS); None leaves the base config's value."""
+
+    FIELDS: ClassVar[dict[str, str]] = {}
+    augment_strength: FloatParam | None = None
+    samples_per_class: IntParam | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS if getattr(self, k) is not None}
+
+
+_SHARED = {"augment_strength": "augment.strength", "samples_per_class": "balance.samples_per_class"}
+
+
+class SharedSpace(_Space):
+    """Searched for every model unless the model's own space sets the field."""
+
+    FIELDS: ClassVar[dict[str, str]] = _SHARED
+
+
+class NetworkSpace(_Space):
+    FIELDS: ClassVar[dict[str, str]] = {"lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
+              "finetune": "model.finetune", "weight_decay": "train.weight_decay", "optimizer": "train.optimizer",
+              **_SHARED}
+    lr: FloatParam | None = FloatRange(low=1e-4, high=1e-2, log=True)
+    epochs: IntParam | None = None
+    batch_size: IntParam | None = None
+    finetune: Union[Choice, Literal["head", "full"], None] = None
+    weight_decay: FloatParam | None = None
+    optimizer: Union[Choice, Literal["adamw", "sgd"], None] = None
+
+
+class SVMSpace(_Space):
+    FIELDS: ClassVar[dict[str, str]] = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma", **_SHARED}
+    kernel: Union[Choice, Literal["linear", "rbf"], None] = None
+    C: FloatParam | None = FloatRange(low=0.01, high=100.0, log=True)
+    gamma: Union[GammaRange, Choice, Literal["scale"], float, None] = None  # only used by rbf trials
+
+
+class Resources(_Strict):
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)  # fractions pack several small trials on one GPU
+
+    @field_validator("gpu")
+    @classmethod
+    def _fraction_or_whole(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"gpu above 1 must be a whole number, got {v}")
+        return v
+
+    def as_ray(self) -> dict[str, float]:
+        return {"CPU": self.cpu, "GPU": self.gpu} if self.gpu else {"CPU": self.cpu}
+
+
+class ModelEntry(_Strict):
+    model: str | None = None  # a registered model (carclf.models.list_models()); default: the entry's key
+    config: dict[str, Any] = {}  # RunConfig overrides for this model, e.g. {svm: {backbone: mobilenet_v2}}
+    space: dict[str, Any] = {}  # NetworkSpace or SVMSpace fields, checked once the model's kind is known
+    resources: Resources = Resources()
+
+
+class ASHA(_Strict):
+    """Asynchronous successive halving on the per-epoch metric; applies to network trials only."""
+
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(default=1, ge=1)  # epochs every network trial gets before it can be stopped
+    reduction_factor: float = Field(default=2.0, gt=1)
+    max_t: int | None = Field(default=None, ge=1)  # None: the most epochs any network trial can run
+
+
+class Seeds(_Strict):
+    sampler: int = 0  # Optuna's TPESampler: the same seed proposes the same trials
+    run: int = 0  # RunConfig.seed of every trial (split, init, augmentation)
+
+
+class SweepSpec(_Strict):
+    name: str | None = None  # default: the file's stem
+    description: str = ""
+    base: dict[str, Any] = {}  # a RunConfig (data, split, balance, ...) shared by all trials
+    models: dict[str, ModelEntry] = Field(min_length=1)
+    space: SharedSpace = SharedSpace()
+    metric: str = "val_f1_macro"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    time_budget_s: float | None = Field(default=None, gt=0)
+    scheduler: ASHA | None = ASHA()
+    seeds: Seeds = Seeds()
+    n_startup_trials: int | None = Field(default=None, ge=1)  # random trials before TPE models the space
+    max_failures: int = Field(default=1, ge=0)  # retries of a trial that raised
+    tracking_server: Literal["auto", "always", "never"] = "auto"  # auto: a server when the store is local sqlite
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; allowed: {', '.join(METRICS)}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _keys(cls, v: dict) -> dict:
+        for key in v:
+            if not key or any(c in key for c in "./ "):
+                raise ValueError(f"model key {key!r} may not be empty or hold '.', '/' or spaces")
+        return v
+
+    # ------------------------------------------------------------------ derived, after validation
+
+    def model_name(self, key: str) -> str:
+        return self.models[key].model or key
+
+    def is_network(self, key: str) -> bool:
+        from carclf.models import is_network
+
+        return is_network(self.model_name(key))
+
+    def model_space(self, key: str) -> _Space:
+        cls = NetworkSpace if self.is_network(key) else SVMSpace
+        return cls.model_validate(self.models[key].space)
+
+    def model_params(self, key: str) -> dict[str, Any]:
+        """The model's own parameters plus the shared ones it does not set itself."""
+        own = self.model_space(key)
+        shared = {k: v for k, v in self.space.params().items() if getattr(own, k) is None}
+        params = {**own.params(), **shared}
+        if isinstance(own, SVMSpace):
+            # The kernel decides whether gamma is sampled, so it is always known (the base's if not searched).
+            params.setdefault("kernel", validate_run_config(self.base_config(key)).svm.kernel)
+            if "rbf" not in _candidates(params["kernel"]):
+                params.pop("gamma", None)
+        return params
+
+    def base_config(self, key: str) -> dict[str, Any]:
+        """The RunConfig dict of model `key` before sampling: base, the model's overrides, seed and name."""
+        cfg = deep_merge(self.base, self.models[key].config)
+        cfg = deep_merge(cfg, {"model": {"name": self.model_name(key)}, "seed": self.seeds.run})
+        return cfg
+
+    def max_epochs(self) -> int:
+        """The most epochs a network trial can run: ASHA's max_t unless the file sets it."""
+        epochs = []
+        for key in self.models:
+            if self.is_network(key):
+                p = self.model_space(key).epochs
+                if p is None:
+                    p = validate_run_config(self.base_config(key)).train.epochs
+                epochs += [int(x) for x in _candidates(p)]
+        return max(epochs, default=1)
+
+    def space_fn(self) -> "SearchSpace":
+        return SearchSpace(self)
+
+    def run_config(self, params: dict[str, Any]) -> RunConfig:
+        """The trial's RunConfig from sampled `params` ({'model': key, '<key>.<field>': value})."""
+        key = params["model"]
+        cfg = self.base_config(key)
+        fields = {**NetworkSpace.FIELDS, **SVMSpace.FIELDS}
+        prefix = f"{key}."
+        for name, value in params.items():
+            if name.startswith(prefix) and name[len(prefix):] in fields:
+                set_dotted(cfg, fields[name[len(prefix):]], value)
+        return validate_run_config(cfg, f"trial config of {key}")
+
+
+class SearchSpace:
+    """Optuna define-by-run space: picks the model, then samples only that model's parameters.
+
+    A plain object (not a closure) so Ray can pickle it with the searcher's state for `--resume`.
+    """
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+        self.keys = list(spec.models)
+        self.params = {key: spec.model_params(key) for key in self.keys}
+
+    def __call__(self, trial) -> dict[str, Any]:
+        key = trial.suggest_categorical("model", self.keys) if len(self.keys) > 1 else self.keys[0]
+        out: dict[str, Any] = {"model": key}
+        params = self.params[key]
+        kernel = _sample(params["kernel"], trial, f"{key}.kernel") if "kernel" in params else None
+        if kernel is not None:
+            out[f"{key}.kernel"] = kernel
+        for field, p in params.items():
+            if field == "kernel" or (field == "gamma" and kernel == "linear"):
+                continue
+            out[f"{key}.{field}"] = _sample(p, trial, f"{key}.{field}")
+        return out
+
+
+# ---------------------------------------------------------------------- loading and checks
+
+
+def _check_model(spec: SweepSpec, key: str) -> None:
+    """Every constant, choice and range end of the model's space must make a valid RunConfig."""
+    where = f"models.{key}"
+    try:
+        base = validate_run_config(spec.base_config(key), f"{where} (base + config)")
+    except ConfigError as e:
+        raise ConfigError(f"{e}\n  (fields of `base` and of `{where}.config`; `{where}.model` picks the model)") from None
+    kind = NetworkSpace if spec.is_network(key) else SVMSpace
+    try:
+        space = kind.model_validate(spec.models[key].space)
+    except ValidationError as e:
+        allowed = ", ".join(kind.FIELDS)
+        msg = format_validation_error(e, f"{where}.space ({base.model.name} is searched over: {allowed})")
+        raise ConfigError(msg.replace("\n  ", f"\n  {where}.space.")) from None
+    fields = {**kind.FIELDS}
+    for field, p in {**spec.space.params(), **space.params()}.items():
+        for value in _candidates(p):
+            cfg = spec.base_config(key)
+            set_dotted(cfg, fields[field], value)
+            try:
+                validate_run_config(cfg)
+            except ConfigError as e:
+                origin = f"{where}.space.{field}" if getattr(space, field) is not None else f"space.{field}"
+                detail = str(e).splitlines()[-1].strip()
+                raise ConfigError(f"invalid sweep: {origin}: {value!r} is not allowed for {key} ({detail})") from None
+
+
+def validate_sweep_spec(data: dict[str, Any], source: str = "sweep") -> SweepSpec:
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+    try:
+        validate_run_config(spec.base, f"{source}: base")
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("\n  ", "\n  base.")) from None
+    for key in spec.models:
+        _check_model(spec, key)
+    if spec.scheduler is not None and spec.scheduler.max_t is not None:
+        if spec.scheduler.grace_period > spec.scheduler.max_t:
+            raise ConfigError(f"invalid {source}:\n  scheduler.grace_period: {spec.scheduler.grace_period} "
+                              f"exceeds scheduler.max_t {spec.scheduler.max_t}")
+    return spec
+
+
+def load_sweep_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep file; any problem raises ConfigError naming the file and the field."""
+    return validate_sweep_spec(read_yaml(path), str(path))
+
+
+def describe_space(spec: SweepSpec) -> dict[str, Any]:
+    """The search space as plain data (logged to the parent run as search_space.json)."""
+    out = {}
+    for key in spec.models:
+        params = {}
+        for field, p in spec.model_params(key).items():
+            params[field] = p.model_dump() if _is_searched(p) else p
+        out[key] = {"model": spec.model_name(key), "resources": spec.models[key].resources.model_dump(),
+                    "params": params}
+    return out
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
