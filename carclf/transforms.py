@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 # The strongest settings (strength 1); each is scaled linearly by strength.
@@ -27,7 +28,7 @@ def _size(input_config) -> int:
 
 
 def _to_tensor() -> list:
-    # ndarray HWC uint8 -> tv_tensors.Image CHW uint8
+    # ndarray HWC uint8 or PIL image -> tv_tensors.Image CHW uint8
     return [v2.ToImage()]
 
 
@@ -46,7 +47,7 @@ def random_ops(size: int, strength: float) -> list:
     aspect = 1.0 + MAX_ASPECT_JITTER * s
     jitter = MAX_COLOR_JITTER * s
     return [
-        v2.RandomRotation(degrees=MAX_ROTATION_DEG * s),
+        v2.RandomRotation(degrees=MAX_ROTATION_DEG * s, interpolation=v2.InterpolationMode.BILINEAR),
         v2.RandomResizedCrop(size, scale=(1.0 - (1.0 - MIN_CROP_SCALE) * s, 1.0), ratio=(1 / aspect, aspect),
                              antialias=True),
         v2.RandomHorizontalFlip(p=MAX_FLIP_P * s),
@@ -56,8 +57,11 @@ def random_ops(size: int, strength: float) -> list:
 
 class _Preset:
     transforms: v2.Compose
+    on_pil = False  # random ops run on PIL images: rotation and jitter are 2x faster there than on tensors
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if self.on_pil:
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8), "RGB")
         return self.transforms(image).as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:
@@ -72,9 +76,11 @@ class TrainPreset(_Preset):
         self.strength = float(strength)
         size = _size(input_config)
         ops = random_ops(size, self.strength)
-        # RandomResizedCrop already outputs `size`; without it the cached image may still need resizing.
-        resize = [] if ops else [v2.Resize((size, size), antialias=True)]
-        self.transforms = v2.Compose(_to_tensor() + resize + ops + _normalise(input_config))
+        self.on_pil = bool(ops)
+        if ops:  # RandomResizedCrop outputs `size` itself
+            self.transforms = v2.Compose(ops + _to_tensor() + _normalise(input_config))
+        else:
+            self.transforms = EvalPreset(input_config).transforms
 
 
 class EvalPreset(_Preset):
