@@ -85,10 +85,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _apply_exif_orientation(img: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy for the usual upright photo
     except Exception as e:  # malformed EXIF must not make an otherwise good photo unreadable
         log.debug("ignoring unreadable EXIF orientation: %s", e)
-        return img
+    return img
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:

@@ -52,11 +52,12 @@ def test_transparency_is_flattened_onto_white():
     assert (decode_image(encode(clear, "PNG"), 8) == 255).all()
 
 
-def test_exif_orientation_is_applied():
+@pytest.mark.parametrize("width", [64, 800])  # 800: decoded in JPEG draft mode at a reduced scale
+def test_exif_orientation_is_applied(width):
     # Stored left half red, right half blue; orientation 6 means "rotate 90 degrees clockwise to view",
     # so the viewed image has red on top and blue below.
-    stored = Image.new("RGB", (64, 32), (255, 0, 0))
-    stored.paste((0, 0, 255), (32, 0, 64, 32))
+    stored = Image.new("RGB", (width, width // 2), (255, 0, 0))
+    stored.paste((0, 0, 255), (width // 2, 0, width, width // 2))
     exif = Image.Exif()
     exif[0x0112] = 6
     array = decode_image(encode(stored, "JPEG", exif=exif.tobytes(), quality=95), 32).astype(int)
