@@ -243,3 +243,315 @@ def check_storage(cluster, storage):
     from sweeps.cluster import check_storage_path
 
     return check_storage_path(storage, cluster)
+
+
+# ---------------------------------------------------------------------- caches under concurrent writers
+
+# Each writer stores the same entry again and again, filled with its own value; a torn or half-written
+# file would show as a read error, a short array or mixed values.
+_DECODE_WRITER = """
+import sys, numpy as np
+from carclf.cache import DecodeCache
+root, value, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cache = DecodeCache(root, 256)
+array = np.full((256, 256, 3), value, np.uint8)
+for _ in range(n):
+    cache.store("ab" * 32, array)
+"""
+_FEATURE_WRITER = """
+import sys, numpy as np
+from carclf.features import FeatureCache, FeatureSet
+root, value, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fs = FeatureSet(np.full((2000, 64), value, np.float32), np.full(2000, value), [f"img{i}" for i in range(2000)],
+                {"writer": value})
+for _ in range(n):
+    FeatureCache(root).save({"split": "train", "entry": "same"}, fs)
+"""
+
+
+def _race(script: str, root: Path, read, n: int = 40) -> int:
+    """Two writer processes on one entry while this process reads it; returns the number of reads."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(v), str(n)]) for v in (1, 2)]
+    reads = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            if read() is not None:
+                reads += 1
+            time.sleep(0.002)  # leave the writers most of the two cores
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert read() is not None
+    leftovers = [p.name for p in root.rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert leftovers == [], "writers must not leave temporary files behind"
+    return reads
+
+
+@pytest.mark.slow
+def test_two_processes_writing_one_decode_cache_entry_never_expose_a_partial_file(tmp_path):
+    from carclf.cache import DecodeCache
+
+    cache = DecodeCache(tmp_path, 256)
+    entry = cache.entry_path("ab" * 32)
+
+    def read():
+        if not entry.exists():
+            return None
+        array = np.load(entry, allow_pickle=False)  # a truncated file raises here
+        assert array.shape == (256, 256, 3)
+        assert array.min() == array.max() and array.max() in (1, 2), "bytes of two writers mixed"
+        return array
+
+    reads = _race(_DECODE_WRITER, tmp_path, read)
+    assert reads > 0
+    assert cache.load("never-read: the entry is cached", "ab" * 32).shape == (256, 256, 3)
+
+
+@pytest.mark.slow
+def test_two_processes_writing_one_feature_cache_entry_never_expose_a_partial_file(tmp_path):
+    from carclf.features import FeatureCache
+
+    cache = FeatureCache(tmp_path)
+    key = {"split": "train", "entry": "same"}
+
+    def read():
+        if not cache.contains(key):
+            return None
+        fs = cache.load(key)  # an unreadable file comes back as None (a miss): a failure here
+        assert fs is not None, "a reader saw an incomplete feature file"
+        assert fs.features.shape == (2000, 64) and len(fs.paths) == 2000
+        value = fs.meta["writer"]
+        assert (fs.features == value).all() and (fs.labels == value).all(), "rows of two writers mixed"
+        return fs
+
+    reads = _race(_FEATURE_WRITER, tmp_path, read, n=20)
+    assert reads > 0
+
+
+# ---------------------------------------------------------------------- a real two-node cluster on loopback
+
+NODE_TAG = "carclf.test_node"  # set on every MLflow run a node's processes start (MLFLOW_RUN_CONTEXT)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Every process in session `sid`: `ray start` leads it, and the daemons it spawns stay in it."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _kill_session(sid: int, grace_s: float = 3.0) -> None:
+    """SIGTERM the session's processes, then SIGKILL what is left (raylet and GCS may ignore SIGTERM)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while _session_pids(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not _session_pids(sid):
+            return
+
+
+@dataclass
+class LoopbackCluster:
+    address: str
+    env: dict  # what a driver needs to join: the cluster's auth token
+    sessions: list
+    temp_dir: Path
+
+
+def _ray_start(args: list[str], env: dict, name: str, sessions: list, log_dir: Path) -> None:
+    ray_bin = Path(sys.executable).with_name("ray")
+    node_env = {**env, "MLFLOW_RUN_CONTEXT": json.dumps({NODE_TAG: name})}
+    log = log_dir / f"ray-start-{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(ray_bin), "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                                 f"--resources={json.dumps({f'carclf_test_{name}': 1})}",
+                                 "--object-store-memory=150000000", "--dashboard-agent-listen-port=0",
+                                 "--disable-usage-stats"],
+                                env=node_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        sessions.append(proc.pid)  # the session id is the leader's pid; recorded before anything can fail
+        try:
+            rc = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            rc = None
+    if rc != 0:
+        raise RuntimeError(f"`ray start` for the {name} node failed ({rc}):\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A head and a worker node as separate `ray start` processes on loopback, 1 CPU each.
+
+    Token authentication with a token of its own (never ~/.ray/auth_token); a short temp dir because
+    Ray's socket paths must stay under the OS limit; every process it started is killed afterwards
+    (by session, never `ray stop`, which would stop other Ray clusters on this machine).
+    """
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    logs = tmp_path_factory.mktemp("ray-logs")
+    port = _free_port()
+    sessions: list[int] = []
+    try:
+        _ray_start(["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
+                    f"--dashboard-port={_free_port()}"], env, "head", sessions, logs)
+        _ray_start([f"--address=127.0.0.1:{port}", f"--temp-dir={temp_dir}"], env, "worker", sessions, logs)
+        yield LoopbackCluster(address=f"127.0.0.1:{port}", env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                              sessions=sessions, temp_dir=temp_dir)
+    finally:
+        for sid in reversed(sessions):
+            _kill_session(sid)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        left = [pid for sid in sessions for pid in _session_pids(sid)]
+        assert left == [], f"Ray processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """An MLflow tracking server on loopback with a SQLite backend and its own artifact folder."""
+    from carclf.server import TrackingServer
+
+    root = tmp_path_factory.mktemp("tracking")
+    server = TrackingServer(f"sqlite:///{root / 'mlflow.db'}", artifacts_destination=root / "artifacts")
+    with server:
+        yield server
+
+
+def _in_driver(code: str, cluster: LoopbackCluster, **kw) -> dict:
+    """Run `code` in a fresh Python process that joins the cluster (Ray reads the auth settings at import,
+    so a driver joining a token cluster must start with them); `code` sets `out`, returned as JSON."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(cluster.env)
+    script = f"import json, sys\nkw = json.loads(sys.argv[1])\n{code}\nprint('OUT=' + json.dumps(out))"
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(kw)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OUT=")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][4:])
+
+
+_CHECK_ON_CLUSTER = """
+import ray
+from carclf.errors import SweepError
+from sweeps.cluster import connected, inspect_cluster, resolve_cluster_settings
+with connected(kw["address"]):
+    view = inspect_cluster()
+    out = {"nodes": [n.node_id for n in view.nodes], "all_local": view.all_local, "may_grow": view.may_grow,
+           "resources": [sorted(n["Resources"]) for n in ray.nodes() if n["Alive"]]}
+out["still_connected"] = ray.is_initialized()
+out["ok"] = resolve_cluster_settings(kw["address"], kw["uri"], kw["storage"], data_path=kw["data"],
+                                     cache_dir=kw["cache"])
+try:
+    resolve_cluster_settings(kw["address"], kw["uri"], kw["storage"], data_path=kw["missing"])
+    out["error"] = None
+except SweepError as e:
+    out["error"] = str(e)
+"""
+
+
+@pytest.mark.slow
+def test_settings_are_checked_on_every_node_of_a_real_cluster(ray_cluster, tracking_server, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    out = _in_driver(_CHECK_ON_CLUSTER, ray_cluster, address=ray_cluster.address, uri=tracking_server.url,
+                     storage=str(tmp_path / "ray"), data=str(data), cache=str(tmp_path / "cache"),
+                     missing=str(tmp_path / "nowhere"))
+    assert len(out["nodes"]) == 2 and out["all_local"] and not out["may_grow"]
+    assert sum("carclf_test_head" in r for r in out["resources"]) == 1
+    assert sum("carclf_test_worker" in r for r in out["resources"]) == 1
+    assert not out["still_connected"], "the check disconnects what it connected"
+    assert out["ok"] == [tracking_server.url, str(tmp_path / "ray")]
+    lines = [ln for ln in (out["error"] or "").splitlines() if "nowhere" in ln]
+    assert len(lines) == 2, f"both nodes report the missing data folder, each by name: {out['error']}"
+    assert {ln.split(":")[0].strip().split(" (")[1][:12] for ln in lines} == {n[:12] for n in out["nodes"]}
+
+
+SWEEP = {
+    "name": "cluster-test",
+    "base": {
+        "data": {"image_size": 32, "min_images": 2},
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+        "balance": {"mode": "none"},
+        "augment": {"strength": 0.0},
+        "model": {"weights": "none"},
+        "svm": {"backbone": "mobilenet_v2", "backbone_weights": "none"},
+        "train": {"epochs": 2, "batch_size": 16, "device": "cpu", "amp": False, "num_workers": 0},
+        "tracking": {"experiment": "cluster-test"},
+    },
+    "models": {
+        "simple_cnn": {"space": {"lr": {"low": 0.001, "high": 0.01, "log": True}}, "resources": {"cpu": 1}},
+        "svm": {"space": {"C": {"low": 0.1, "high": 10.0, "log": True}, "kernel": "linear"}, "resources": {"cpu": 1}},
+    },
+    "num_samples": 4,
+    "max_concurrent_trials": 2,  # one trial per 1-CPU node at a time: both nodes must take trials
+    "scheduler": None,  # every trial runs to the end, so every one has a complete run to check
+    "max_failures": 0,
+}
+
+
+@pytest.mark.slow
+def test_sweep_on_a_two_node_cluster_tracks_every_trial_in_the_server(ray_cluster, tracking_server, tmp_path,
+                                                                      monkeypatch):
+    import mlflow
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from carclf.demo import make_demo
+
+    make_demo(tmp_path / "data", n_images=60, size=32, seed=0)
+    spec = json.loads(json.dumps(SWEEP))
+    spec["base"]["data"].update(path=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    sweep_file = tmp_path / "cluster-test.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    project = tmp_path / "project"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(ray_cluster.env, CARCLF_PROJECT_ROOT=str(project), CARCLF_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "carclf.cli", "sweep", str(sweep_file), "--address", ray_cluster.address,
+           "--tracking-uri", tracking_server.url, "--storage-path", str(tmp_path / "ray")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+    state = json.loads((project / "results" / "cluster-test" / "sweep.json").read_text())
+    assert state["tracking_uri"] == tracking_server.url and state["storage_path"] == str(tmp_path / "ray")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    client = MlflowClient(tracking_server.url)
+    exp = client.get_experiment_by_name("cluster-test")
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'",
+                              run_view_type=ViewType.ALL, max_results=100)
+    assert len(runs) == SWEEP["num_samples"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags[NODE_TAG] for r in runs} == {"head", "worker"}, "trials must run on both nodes"
+    artifacts_root = Path(tracking_server.artifacts_destination)
+    for run in runs:
+        assert run.data.tags["carclf.role"] == "trial" and run.data.tags["carclf.sweep"] == "cluster-test"
+        assert "val_f1_macro" in run.data.metrics and "test_f1_macro" in run.data.metrics
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "confusion_val.json", "confusion_test.json"} <= names, names
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), "artifacts go through the server"
+        assert list(artifacts_root.rglob(f"{run.info.run_id}/artifacts/confusion_val.json")), \
+            f"run {run.info.run_id}'s artifacts are not in the server's folder {artifacts_root}"
+        model = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")  # fetched from the server
+        assert list(artifacts_root.rglob(f"{model.model_id}/artifacts/MLmodel")), "the model is in the server's store"
+
+    import pandas as pd
+
+    table = pd.read_csv(project / "results" / "cluster-test" / "results.csv")
+    assert set(table["mlflow_run_id"]) == {r.info.run_id for r in runs}
+    assert not (tmp_path / "mlflow.db").exists() and not (project / "mlflow.db").exists(), \
+        "nothing may fall back to a local store"
