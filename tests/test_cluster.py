@@ -245,6 +245,133 @@ def check_storage(cluster, storage):
     return check_storage_path(storage, cluster)
 
 
+
+# ---------------------------------------------------------------------- cluster/ files
+
+# Values that only make sense in the author's account: each must sit on a line that says CHANGE.
+PLACEHOLDERS = ("ami-0123456789abcdef0", "123456789012", "fs-0123456789abcdef0", "registry.example.com",
+                "YOUR_", "us-west-2", "efs-sc", "mlflow-host", "/home/ubuntu")
+
+
+def _unmarked_placeholders(text: str) -> list[str]:
+    """Lines holding a placeholder without CHANGE on them or in the comment block right above them.
+
+    The leading comment block (usage examples) is exempt; a commented-out setting is checked like a live one.
+    """
+    lines = text.splitlines()
+    body = next((i for i, ln in enumerate(lines) if not ln.lstrip().startswith("#")), len(lines))
+    out = []
+    for i in range(body, len(lines)):
+        if not any(p in lines[i] for p in PLACEHOLDERS) or "CHANGE" in lines[i]:
+            continue
+        above, j = [], i - 1
+        while j >= body and lines[j].lstrip().startswith("#"):
+            above.append(lines[j])
+            j -= 1
+        if not any("CHANGE" in ln for ln in above):
+            out.append(f"{i + 1}: {lines[i].strip()}")
+    return out
+
+
+@pytest.mark.parametrize("name", ["ray-cluster.yaml", "kuberay.yaml", "docker-compose.yml", "mlflow-server.service",
+                                  "tracking-server.sh"])
+def test_every_value_a_user_must_change_is_marked(name):
+    assert _unmarked_placeholders((CLUSTER_DIR / name).read_text()) == []
+    assert _unmarked_placeholders("# header: ami-0123456789abcdef0\nImageId: ami-0123456789abcdef0\n") == [
+        "2: ImageId: ami-0123456789abcdef0"]
+
+
+def test_launcher_config_passes_rays_own_schema():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER_DIR / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does first
+    nodes = config["available_node_types"]
+    head, workers = nodes[config["head_node_type"]], [v for k, v in nodes.items() if k != config["head_node_type"]]
+    assert head["resources"]["CPU"] == 0, "trials stay off the head node"
+    assert workers and all(w["node_config"]["InstanceType"].startswith(("g", "p")) for w in workers), "GPU workers"
+    assert all(w["max_workers"] > w.get("min_workers", 0) for w in workers), "workers autoscale"
+    setup = "\n".join(config["setup_commands"])
+    assert "torch==2.14.1" in setup and "torchvision==0.29.1" in setup and "~/carclf" in setup
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert "/mnt/efs" in "\n".join(config["initialization_commands"])
+    broken = json.loads(json.dumps(config))
+    broken["available_node_types"]["gpu_worker"]["min_worker"] = 1  # a typo the schema must catch
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(broken))
+
+
+def test_kuberay_manifest_has_head_gpu_workers_shared_volume_and_tracking_service():
+    docs = {d["kind"] + "/" + d["metadata"]["name"]: d
+            for d in yaml.safe_load_all((CLUSTER_DIR / "kuberay.yaml").read_text())}
+    ray_cluster = docs["RayCluster/carclf"]
+    assert ray_cluster["apiVersion"] == "ray.io/v1"
+    spec = ray_cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] and spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]["template"]["spec"]
+    (gpu,) = spec["workerGroupSpecs"]
+    worker = gpu["template"]["spec"]
+    assert gpu["maxReplicas"] > gpu["minReplicas"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    service = docs["Service/carclf-mlflow"]
+    port = service["spec"]["ports"][0]["port"]
+    for pod in (head, worker):
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == f"http://carclf-mlflow:{port}"
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        mounted = {m["name"] for m in container["volumeMounts"]}
+        assert claims.get("shared") == "carclf-shared" and "shared" in mounted
+        assert env["CARCLF_CACHE_DIR"].startswith("/data/")
+    assert docs["PersistentVolumeClaim/carclf-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    server = " ".join(docs["Deployment/carclf-mlflow"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    for flag in ("--host 0.0.0.0", "--artifacts-destination", "--allowed-hosts", "postgresql://", f"--port {port}"):
+        assert flag in server
+
+
+def test_compose_file_runs_mlflow_on_postgres_with_proxied_artifacts():
+    compose = yaml.safe_load((CLUSTER_DIR / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "mlflow"}
+    command = services["mlflow"]["command"]
+    assert "postgresql://mlflow:" in command and "@postgres:5432/mlflow" in command
+    for flag in ("--artifacts-destination", "--host 0.0.0.0", "--allowed-hosts"):
+        assert flag in command
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+@pytest.mark.slow
+def test_tracking_server_script_serves_sqlite_and_proxies_artifacts(tmp_path):
+    """cluster/tracking-server.sh as documented, bound to loopback here: runs, artifacts go through it."""
+    from mlflow.tracking import MlflowClient
+
+    port = _free_port()
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "STATE_DIR": str(tmp_path / "state"),
+           "MLFLOW": str(Path(sys.executable).with_name("mlflow"))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(["bash", str(CLUSTER_DIR / "tracking-server.sh")], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while run_checks([("http", "server", url)]) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the tracking server script exited"
+            time.sleep(0.5)
+        client = MlflowClient(url)
+        run = client.create_run(client.create_experiment("script"))
+        (tmp_path / "note.txt").write_text("hello")
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        stored = list((tmp_path / "state" / "mlartifacts").rglob("note.txt"))
+        assert [p.read_text() for p in stored] == ["hello"]
+        assert (tmp_path / "state" / "mlflow.db").is_file()
+    finally:
+        _kill_session(proc.pid)
+
+
 # ---------------------------------------------------------------------- caches under concurrent writers
 
 # Each writer stores the same entry again and again, filled with its own value; a torn or half-written
