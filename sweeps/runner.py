@@ -705,7 +705,10 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
                 tuner = _tuner(spec, name, storage, make_trainable(ctx), SweepProgress(name), restore=bool(state))
                 timings["fit_start"] = time.perf_counter()
                 # The compact status table (legacy reporter) instead of a config and result table per trial.
-                with _env(RAY_AIR_NEW_OUTPUT="0"):
+                # Tune saves its state every 10 s or more by default; a killed driver then loses finished
+                # trials that --resume has to redo.
+                with _env(RAY_AIR_NEW_OUTPUT="0",
+                          TUNE_GLOBAL_CHECKPOINT_S=os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", "3")):
                     tuner.fit()
                 timings["fit_end"] = time.perf_counter()
             exp_id = client.get_run(parent).info.experiment_id

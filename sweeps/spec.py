@@ -309,11 +309,11 @@ class SearchSpace:
 # ---------------------------------------------------------------------- loading and checks
 
 
-def _check_model(spec: SweepSpec, key: str) -> None:
+def _check_model(spec: SweepSpec, key: str, source: str) -> None:
     """Every constant, choice and range end of the model's space must make a valid RunConfig."""
     where = f"models.{key}"
     try:
-        base = validate_run_config(spec.base_config(key), f"{where} (base + config)")
+        base = validate_run_config(spec.base_config(key), f"{source}: {where} (base + config)")
     except ConfigError as e:
         raise ConfigError(f"{e}\n  (fields of `base` and of `{where}.config`; `{where}.model` picks the model)") from None
     kind = NetworkSpace if spec.is_network(key) else SVMSpace
@@ -321,7 +321,7 @@ def _check_model(spec: SweepSpec, key: str) -> None:
         space = kind.model_validate(spec.models[key].space)
     except ValidationError as e:
         allowed = ", ".join(kind.FIELDS)
-        msg = format_validation_error(e, f"{where}.space ({base.model.name} is searched over: {allowed})")
+        msg = format_validation_error(e, f"{source}: {where}.space ({base.model.name} is searched over: {allowed})")
         raise ConfigError(msg.replace("\n  ", f"\n  {where}.space.")) from None
     fields = {**kind.FIELDS}
     for field, p in {**spec.space.params(), **space.params()}.items():
@@ -333,7 +333,7 @@ def _check_model(spec: SweepSpec, key: str) -> None:
             except ConfigError as e:
                 origin = f"{where}.space.{field}" if getattr(space, field) is not None else f"space.{field}"
                 detail = str(e).splitlines()[-1].strip()
-                raise ConfigError(f"invalid sweep: {origin}: {value!r} is not allowed for {key} ({detail})") from None
+                raise ConfigError(f"invalid {source}:\n  {origin}: {value!r} is not allowed for {key} ({detail})") from None
 
 
 def validate_sweep_spec(data: dict[str, Any], source: str = "sweep") -> SweepSpec:
@@ -346,7 +346,7 @@ def validate_sweep_spec(data: dict[str, Any], source: str = "sweep") -> SweepSpe
     except ConfigError as e:
         raise ConfigError(str(e).replace("\n  ", "\n  base.")) from None
     for key in spec.models:
-        _check_model(spec, key)
+        _check_model(spec, key, source)
     if spec.scheduler is not None and spec.scheduler.max_t is not None:
         if spec.scheduler.grace_period > spec.scheduler.max_t:
             raise ConfigError(f"invalid {source}:\n  scheduler.grace_period: {spec.scheduler.grace_period} "
