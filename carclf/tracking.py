@@ -212,6 +212,11 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def log_artifact(path: str | Path, folder: str | None = None) -> None:
+    """A local file as an artifact (under `folder`, keeping its file name)."""
+    mlflow.log_artifact(str(path), artifact_path=folder)
+
+
 def log_dataframe(df: pd.DataFrame, name: str) -> None:
     """A DataFrame as a `.parquet` or `.csv` artifact at `name` (the suffix picks the format)."""
     suffix = Path(name).suffix.lower()

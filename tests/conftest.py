@@ -108,3 +108,49 @@ def image_folder(tmp_path) -> ImageFolderInfo:
     """A tiny ImageFolder tree with corrupt, empty, truncated, grayscale, RGBA, CMYK, palette,
     16-bit, duplicate, hidden and non-image files (see build_image_folder)."""
     return build_image_folder(tmp_path / "images")
+
+
+# --------------------------------------------------------------------------- tracked runs (training, features,
+# tracking and experiment tests)
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch) -> str:
+    """A private project root, cache and sqlite tracking URI (returned); no run is left active afterwards."""
+    import mlflow
+
+    from carclf import tracking
+
+    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(tracking, "_experiment_ids", {})  # experiment ids are memoised per URI and process
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture
+def run_artifacts():
+    """run_id -> the set of every artifact path of that run (folders walked)."""
+    from mlflow.tracking import MlflowClient
+
+    def list_all(run_id: str) -> set[str]:
+        client, out, todo = MlflowClient(), set(), [""]
+        while todo:
+            for f in client.list_artifacts(run_id, todo.pop() or None):
+                (todo.append(f.path) if f.is_dir else out.add(f.path))
+        return out
+
+    return list_all
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """60 synthetic 40 px vehicle images in 5 imbalanced classes (carclf.demo), made once per session."""
+    from carclf.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(root, n_images=60, size=40, seed=0)
+    return root

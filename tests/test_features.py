@@ -9,18 +9,10 @@ import torch
 from carclf import features, models
 from carclf.config import RunConfig
 from carclf.data import ImageDataset, prepare_data
-from carclf.demo import make_demo
 from carclf.features import FeatureCache, FeatureSet, extract_features, split_features
 from carclf.transforms import EvalPreset
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo(root, n_images=60, size=40, seed=0)
-    return root
 
 
 def svm_config(demo_dir, tmp_path, **svm) -> RunConfig:

@@ -20,27 +20,6 @@ from carclf.config import RunConfig
 from carclf.errors import TrackingError
 
 
-@pytest.fixture
-def tracked(tmp_path, monkeypatch):
-    """A private project root, cache and sqlite tracking URI; the memo of experiment ids is cleared."""
-    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
-    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr(tracking, "_experiment_ids", {})
-    yield uri
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-
-
-def artifacts(run_id: str) -> set[str]:
-    client, out, todo = MlflowClient(), set(), [""]
-    while todo:
-        for f in client.list_artifacts(run_id, todo.pop() or None):
-            (todo.append(f.path) if f.is_dir else out.add(f.path))
-    return out
-
-
 def test_relative_sqlite_uri_is_made_absolute_under_the_project_root(tmp_path, monkeypatch):
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path.parent)
@@ -95,7 +74,7 @@ def test_a_failing_block_ends_the_run_failed_with_the_error_text(tracked):
     assert mlflow.active_run() is None
 
 
-def test_config_params_and_artifacts_round_trip(tracked, tmp_path):
+def test_config_params_and_artifacts_round_trip(tracked, tmp_path, run_artifacts):
     cfg = RunConfig.model_validate({"train": {"lr": 0.01}, "data": {"classes": ["a", "b"]}})
     df = pd.DataFrame({"class": ["a", "b"], "f1": [0.5, 1.0]})
     with tracking.start_run(experiment="cars") as run:
@@ -110,7 +89,7 @@ def test_config_params_and_artifacts_round_trip(tracked, tmp_path):
     data = MlflowClient().get_run(run_id).data
     assert data.params["train.lr"] == "0.01" and data.params["data.classes"] == '["a", "b"]'
     assert data.metrics == {"val_f1": 0.5}
-    assert {"config.yaml", "confusion_val.json", "per_class_val.csv", "data/manifest.parquet"} <= artifacts(run_id)
+    assert {"config.yaml", "confusion_val.json", "per_class_val.csv", "data/manifest.parquet"} <= run_artifacts(run_id)
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "dl")))
     assert json.loads((local / "confusion_val.json").read_text())["counts"] == [[1, 0], [2, 3]]
     pd.testing.assert_frame_equal(pd.read_parquet(local / "data/manifest.parquet"), df)

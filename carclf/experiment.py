@@ -1,0 +1,334 @@
+"""One tracked run: prepare data, train a network or fit an SVM on CNN features, evaluate, log to MLflow.
+
+    carclf train --config examples/run_svm.yaml --set svm.C=10
+    result = run_experiment(load_run_config("examples/run_cnn.yaml"))
+
+`carclf train` and every sweep trial go through `run_experiment`; the sweep reports
+each epoch to Ray Tune through its `on_epoch` callback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from carclf import paths, tracking
+from carclf.config import RunConfig, load_run_config
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict], None]
+# Shown by `carclf train`, in this order, where present.
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted",
+                   "top3_accuracy", "roc_auc_ovr_macro")
+
+
+@dataclass
+class ExperimentResult:
+    run_id: str | None
+    config: RunConfig
+    classes: list[str]
+    val_metrics: dict
+    test_metrics: dict | None
+    history: list[dict]
+    confusion_val: np.ndarray
+    confusion_test: np.ndarray | None
+    model: Any
+    y_test: np.ndarray | None
+    pred_test: np.ndarray | None
+    probs_test: np.ndarray | None
+    train_seconds: float
+    infer_seconds_per_image: float
+    n_params: int
+    size_mb: float
+
+
+@dataclass
+class _Outcome:
+    """What the network or SVM branch hands back for evaluation and logging."""
+
+    model: Any
+    history: list[dict]
+    val: Any  # training.EvalOutput
+    test: Any | None
+    train_seconds: float
+    infer_seconds_per_image: float
+    n_params: int
+    size_mb: float
+    input_example: np.ndarray
+    metadata: dict
+    extra_metrics: dict
+
+
+def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, parent_run_id: str | None = None,
+                   tags: dict | None = None, evaluate_test: bool = True, log_model: bool | None = None,
+                   progress: bool = False) -> ExperimentResult:
+    """Everything one trial does, logged to one MLflow run (a child of `parent_run_id` if given).
+
+    Raises whatever fails (data, weights, the callback); the run then ends FAILED with tag carclf.error.
+    """
+    from carclf.data import prepare_data
+    from carclf.models import is_network
+    from carclf.training import seed_everything
+
+    seed_everything(cfg.seed)
+    kind = "network" if is_network(cfg.model.name) else "svm"
+    log_model = cfg.tracking.log_model if log_model is None else log_model
+    run_tags = {"carclf.model": cfg.model.name, "carclf.kind": kind, **(tags or {})}
+    with tracking.start_run(experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
+                            parent_run_id=parent_run_id, tags=run_tags, uri=cfg.tracking.uri) as run:
+        tracking.log_config(cfg)
+        data = prepare_data(cfg, image_size=cfg.data.image_size, progress=progress)
+        _log_data(data, cfg.data.cache_dir)
+        step = _epoch_logger(on_epoch)
+        branch = _run_network if kind == "network" else _run_svm
+        outcome = branch(cfg, data, on_epoch=step, evaluate_test=evaluate_test, progress=progress)
+        result = _evaluate_and_log(cfg, data, outcome, run.info.run_id, log_model=log_model)
+    return result
+
+
+def _epoch_logger(on_epoch: EpochCallback | None) -> EpochCallback:
+    """Log each epoch's row to MLflow (step = epoch), then hand it to the caller's callback."""
+
+    def step(epoch: int, row: dict) -> None:
+        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+
+    return step
+
+
+def _log_data(data, cache_dir) -> None:
+    tracking.log_dataframe(data.manifest, "data/manifest.parquet")
+    tracking.log_dataframe(data.class_counts, "data/class_counts.csv")
+    tracking.log_artifact(_class_frequency_png(data.class_counts, cache_dir), "figures")
+    tracking.log_json({"classes": data.classes, "duplicates": data.duplicates,
+                       "skipped": [list(x) for x in data.skipped], "corrupt": [list(x) for x in data.corrupt],
+                       "train_rows": len(data.train), "train_augmented_rows": int(data.train["augmented"].sum())},
+                      "data/data_report.json")
+    tracking.log_params({"data.n_classes": len(data.classes), "data.n_train": len(data.train),
+                         "data.n_val": len(data.val), "data.n_test": len(data.test)})
+
+
+def _class_frequency_png(table: pd.DataFrame, cache_dir) -> Path:
+    """The class-frequency chart, drawn once per class table and kept in the cache.
+
+    Every trial of a sweep logs the same chart; drawing it is most of a small trial's logging time.
+    """
+    from carclf.figures import class_frequency_figure, save_figure
+
+    digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:24]
+    root = Path(cache_dir) if cache_dir is not None else paths.cache_root()
+    path = root / "figures" / digest / "class_frequency.png"
+    if not path.is_file():
+        save_figure(class_frequency_figure(table), path)
+    return path
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> _Outcome:
+    from carclf.data import ImageDataset, class_weights
+    from carclf.models import build_model, count_parameters, model_size_mb
+    from carclf.training import evaluate, fit, make_loader, select_device
+    from carclf.transforms import EvalPreset, TrainPreset
+
+    n = len(data.classes)
+    model = build_model(cfg.model.name, num_classes=n, weights=cfg.model.weights, finetune=cfg.model.finetune,
+                        image_size=cfg.data.image_size)
+    ic = model.input_config
+    device = select_device(cfg.train.device)
+    bs, workers = cfg.train.batch_size, cfg.train.num_workers
+    train_loader = make_loader(ImageDataset(data.train, data.cache, TrainPreset(ic, cfg.augment.strength)),
+                               batch_size=bs, shuffle=True, device=device, num_workers=workers, seed=cfg.seed)
+    val_set = ImageDataset(data.val, data.cache, EvalPreset(ic))
+    val_loader = make_loader(val_set, batch_size=bs, shuffle=False, device=device, num_workers=workers)
+    weights = class_weights(data.train["label"], n) if cfg.balance.class_weights else None
+    fitted = fit(model, train_loader, val_loader, cfg.train, n_classes=n, device=device, class_weights=weights,
+                 on_epoch=on_epoch, progress=progress)
+    test_out, per_image = None, float("nan")
+    if evaluate_test:
+        test_set = ImageDataset(data.test, data.cache, EvalPreset(ic))
+        loader = make_loader(test_set, batch_size=bs, shuffle=False, device=device, num_workers=workers)
+        t0 = time.perf_counter()
+        _, test_out = evaluate(model, loader, device, n_classes=n, amp=cfg.train.amp)
+        per_image = (time.perf_counter() - t0) / max(len(test_set), 1)
+    example = np.stack([val_set[i][0].numpy() for i in range(min(2, len(val_set)))])
+    if len(example) < 2:
+        example = np.concatenate([example, example])[:2]
+    metadata = {"classes": data.classes, "input_config": asdict(ic), "model": cfg.model.name, "kind": "network",
+                "weights": cfg.model.weights, "weights_sha256": getattr(model, "weights_sha256", None)}
+    return _Outcome(model=model, history=fitted.history, val=fitted.val_output, test=test_out,
+                    train_seconds=fitted.seconds, infer_seconds_per_image=per_image,
+                    n_params=count_parameters(model), size_mb=model_size_mb(model), input_example=example,
+                    metadata=metadata, extra_metrics={"best_epoch": fitted.best_epoch,
+                                                      "epochs_run": len(fitted.history),
+                                                      "n_params_trainable": count_parameters(model, True)})
+
+
+# --------------------------------------------------------------------------- SVM on features
+
+
+def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> _Outcome:
+    from carclf.features import split_features
+    from carclf.metrics import classification_metrics
+    from carclf.models import build_model, count_parameters, model_size_mb
+    from carclf.training import select_device
+
+    n = len(data.classes)
+    splits = ("train", "val", "test") if evaluate_test else ("train", "val")
+    sets = split_features(cfg, data, device=select_device(cfg.train.device), splits=splits, progress=progress)
+    svm_kw = cfg.svm.model_dump(include={"kernel", "C", "gamma", "linear_impl"})
+    pipeline = build_model("svm", num_classes=n, random_state=cfg.seed, **svm_kw)
+    t0 = time.perf_counter()
+    pipeline.fit(sets["train"].features, sets["train"].labels)
+    fit_seconds = time.perf_counter() - t0
+    val = _svm_predict(pipeline, sets["val"])
+    test = _svm_predict(pipeline, sets["test"]) if evaluate_test else None
+    val_metrics = classification_metrics(val.y_true, val.y_pred, scores=val.probs, n_classes=n)
+    row = {"epoch": 1, "train_accuracy": float((pipeline.predict(sets["train"].features)
+                                                 == sets["train"].labels).mean()),
+           **{f"val_{k}": v for k, v in val_metrics.items()}}
+    on_epoch(1, row)
+    meta = sets["val"].meta
+    extraction = sum(s.meta.get("seconds", 0.0) for s in sets.values() if not s.meta.get("cached"))
+    metadata = _svm_metadata(cfg, data, meta, weights_sha=_backbone_sha(cfg))
+    return _Outcome(model=pipeline, history=[row], val=val, test=test, train_seconds=fit_seconds,
+                    infer_seconds_per_image=_svm_seconds_per_image(pipeline, sets, meta),
+                    n_params=meta.get("backbone_params", 0) + count_parameters(pipeline),
+                    size_mb=meta.get("backbone_size_mb", 0.0) + model_size_mb(pipeline),
+                    input_example=sets["val"].features[:2], metadata=metadata,
+                    extra_metrics={"feature_seconds": extraction, "svm_fit_seconds": fit_seconds,
+                                   "feature_cache_hits": sum(bool(s.meta.get("cached")) for s in sets.values()),
+                                   "feature_dim": sets["train"].features.shape[1],
+                                   "n_train_features": len(sets["train"].labels)})
+
+
+def _svm_predict(pipeline, fs):
+    from carclf.training import EvalOutput
+
+    probs = pipeline.predict_proba(fs.features)
+    classes = pipeline.classes_
+    full = np.zeros((len(probs), int(max(classes.max() + 1, fs.labels.max() + 1))), dtype=np.float64)
+    full[:, classes] = probs  # a class absent from the train features keeps probability 0
+    return EvalOutput(y_true=fs.labels, y_pred=classes[probs.argmax(1)], probs=full)
+
+
+def _svm_seconds_per_image(pipeline, sets, meta) -> float:
+    """Backbone time per image (measured when the features were extracted) plus the SVM's own."""
+    fs = sets.get("test") or sets["val"]
+    t0 = time.perf_counter()
+    pipeline.predict_proba(fs.features)
+    svm_time = (time.perf_counter() - t0) / max(len(fs.labels), 1)
+    return float(meta.get("seconds_per_image", 0.0)) + svm_time
+
+
+def _backbone_sha(cfg: RunConfig) -> str:
+    from carclf.features import weights_id
+
+    return weights_id(cfg.svm.backbone, cfg.svm.backbone_weights, seed=cfg.seed)
+
+
+def _svm_metadata(cfg: RunConfig, data, meta: dict, *, weights_sha: str) -> dict:
+    from carclf.models import InputConfig, MODELS
+
+    # The backbone's input config without building it: its registered defaults at our image size.
+    base = MODELS[cfg.svm.backbone].factory().input_config
+    ic = InputConfig(size=cfg.data.image_size, mean=base.mean, std=base.std)
+    return {"classes": data.classes, "kind": "svm", "model": "svm", "backbone": cfg.svm.backbone,
+            "backbone_weights": cfg.svm.backbone_weights, "backbone_sha256": weights_sha,
+            "features": cfg.svm.features, "feature_dim": meta.get("feature_dim"), "input_config": asdict(ic)}
+
+
+# --------------------------------------------------------------------------- evaluation and logging
+
+
+def _evaluate_and_log(cfg: RunConfig, data, out: _Outcome, run_id: str, *, log_model: bool) -> ExperimentResult:
+    from carclf.metrics import classification_metrics
+
+    n = len(data.classes)
+    val_metrics = classification_metrics(out.val.y_true, out.val.y_pred, scores=out.val.probs, n_classes=n)
+    test_metrics = None
+    if out.test is not None:
+        test_metrics = classification_metrics(out.test.y_true, out.test.y_pred, scores=out.test.probs, n_classes=n)
+    final = {**{f"val_{k}": v for k, v in val_metrics.items()},
+             **{f"test_{k}": v for k, v in (test_metrics or {}).items()},
+             "train_seconds": out.train_seconds, "infer_seconds_per_image": out.infer_seconds_per_image,
+             "n_params": out.n_params, "size_mb": out.size_mb, **out.extra_metrics}
+    tracking.log_metrics(final)
+    confusion_val = _log_split_report("val", out.val, data.classes)
+    confusion_test = _log_split_report("test", out.test, data.classes) if out.test is not None else None
+    _log_history(out.history)
+    if log_model:
+        _log_model(cfg, out)
+    return ExperimentResult(
+        run_id=run_id, config=cfg, classes=data.classes, val_metrics=val_metrics, test_metrics=test_metrics,
+        history=out.history, confusion_val=confusion_val, confusion_test=confusion_test, model=out.model,
+        y_test=None if out.test is None else out.test.y_true, pred_test=None if out.test is None else out.test.y_pred,
+        probs_test=None if out.test is None else out.test.probs, train_seconds=out.train_seconds,
+        infer_seconds_per_image=out.infer_seconds_per_image, n_params=int(out.n_params), size_mb=float(out.size_mb))
+
+
+def _log_split_report(split: str, output, classes: list[str]) -> np.ndarray:
+    """Confusion matrix (JSON + PNG) and the per-class report (CSV) of one split; returns the counts."""
+    from carclf.figures import confusion_figure
+    from carclf.metrics import confusion, most_confused_pairs, per_class_report
+
+    counts, normalised = confusion(output.y_true, output.y_pred, len(classes))
+    tracking.log_json({"classes": classes, "counts": counts, "row_normalised": normalised},
+                      f"confusion_{split}.json")
+    tracking.log_figure(confusion_figure(counts, classes, normalize=True), f"figures/confusion_{split}.png")
+    report = per_class_report(output.y_true, output.y_pred, classes)
+    tracking.log_dataframe(report, f"per_class_{split}.csv")
+    tracking.log_dataframe(most_confused_pairs(counts, classes), f"confused_pairs_{split}.csv")
+    return counts
+
+
+def _log_history(history: list[dict]) -> None:
+    from carclf.figures import training_curves_figure
+
+    tracking.log_dataframe(pd.DataFrame(history), "history.csv")
+    if len(history) > 1:
+        tracking.log_figure(training_curves_figure(history), "figures/training_curves.png")
+
+
+def _log_model(cfg: RunConfig, out: _Outcome) -> None:
+    if cfg.is_svm:
+        tracking.log_svm_model(out.model, input_example=out.input_example, metadata=out.metadata)
+    else:
+        tracking.log_network_model(out.model, input_example=out.input_example, metadata=out.metadata)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def summary_table(result: ExperimentResult) -> pd.DataFrame:
+    """metric | val | test for the headline metrics (test empty when it was not evaluated)."""
+    rows = []
+    for key in SUMMARY_METRICS:
+        if key in result.val_metrics:
+            test = (result.test_metrics or {}).get(key, float("nan"))
+            rows.append({"metric": key, "val": result.val_metrics[key], "test": test})
+    return pd.DataFrame(rows)
+
+
+def cli_train(args) -> int:
+    """`carclf train --config run.yaml --set key=value`: validate, run, print the metrics and the run id."""
+    cfg = load_run_config(args.config, args.overrides)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    print(f"model {cfg.model.name} on {cfg.data.path}; tracking {uri} (experiment {cfg.tracking.experiment!r})")
+    result = run_experiment(cfg, progress=True)
+    print()
+    print(summary_table(result).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\ntrain {result.train_seconds:.1f} s, inference {1000 * result.infer_seconds_per_image:.2f} ms/image, "
+          f"{result.n_params:,} parameters, {result.size_mb:.1f} MB")
+    print(f"run id: {result.run_id}")
+    return 0
