@@ -98,6 +98,7 @@ def _add_predict(sub) -> None:
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--out", help="write predictions as CSV")
+    p.add_argument("--tracking-uri", help="MLflow store holding the model (default: MLFLOW_TRACKING_URI or sqlite at the project root)")
     p.set_defaults(func=_handler("carclf.predict:cli_predict"))
 
 

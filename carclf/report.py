@@ -109,7 +109,9 @@ def sweep_uri(info: SweepInfo) -> str:
 def sweep_client(info: SweepInfo):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=sweep_uri(info))
+    uri = sweep_uri(info)
+    # the registry lives in the same store; without this a client would follow mlflow's global registry URI
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def parent_run(client, info: SweepInfo):
@@ -201,7 +203,9 @@ def chosen_configuration(cfg: RunConfig) -> str:
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
-    return str(value)
+    text = str(value)
+    # a weights file is known by its name; the folder differs per machine and drowns the table
+    return Path(text).name if ("/" in text or "\\" in text) else text
 
 
 # --------------------------------------------------------------------------- retests
@@ -259,7 +263,7 @@ def seed_configs(cfg: RunConfig, n_seeds: int, *, uri: str, experiment: str, mod
     return out
 
 
-def test_manifest_hash(manifest: pd.DataFrame) -> str:
+def manifest_test_hash(manifest: pd.DataFrame) -> str:
     """The hash of a manifest's test rows: two runs with equal hashes were tested on the same images."""
     from carclf.data import manifest_hash
 
@@ -270,7 +274,7 @@ def run_test_hash(client, run_id: str) -> str:
     """The test-split hash of the manifest a run logged (run_experiment logs it at MANIFEST_ARTIFACT)."""
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(run_id, MANIFEST_ARTIFACT, tmp)
-        return test_manifest_hash(pd.read_parquet(local))
+        return manifest_test_hash(pd.read_parquet(local))
 
 
 def _seed_run(result, test_hash: str) -> SeedRun:
@@ -413,9 +417,10 @@ def report_figures(families: list[FamilyRetest], table: pd.DataFrame) -> dict[st
     done = [f for f in families if f.runs]
     if not done:
         return {}
-    bars = table.set_index("model")[[f"test_{m}" for m in TABLE_METRICS]]
     grid = {f.model: (pooled_confusion(f), f.runs[0].classes) for f in done}
-    return {"bars": metric_bars_figure(bars, [f"test_{m}" for m in TABLE_METRICS]),
+    # error bars: the '<metric>_std' columns (seed-to-seed spread)
+    return {"bars": metric_bars_figure(table, [f"test_{m}" for m in TABLE_METRICS],
+                                       title="Test metrics per model (mean ± std over seeds)"),
             "confusion": confusion_grid_figure(grid)}
 
 

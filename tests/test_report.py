@@ -11,6 +11,7 @@ from carclf.config import RunConfig
 from carclf.errors import SweepError
 from carclf.report import (FamilyRetest, SeedRun, SweepInfo, comparison_table, confused_pairs_table, mcnemar_table,
                            per_class_f1_table, render_html, resolve_sweep, select_best, unfinished)
+from tiny_sweep import sweeps  # noqa: F401 - fixture
 
 # --------------------------------------------------------------------------- selection
 
@@ -155,3 +156,87 @@ def test_html_is_self_contained_and_holds_table_and_every_figure(tmp_path):
     assert not re.search(r"(src|href)=['\"](https?:|//|/)", page)  # nothing fetched from anywhere
     assert page.count("<table") == 6 and "alexnet: no finished trial" in page and "RuntimeError: boom" in page
     assert f"{table.loc[0, 'test_accuracy']:.3f}" in page
+
+
+# --------------------------------------------------------------------------- a real (tiny) sweep
+
+
+def _client(sweeps):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{sweeps.root / 'mlflow.db'}")
+
+
+def _test_manifest(client, run_id) -> pd.DataFrame:
+    import tempfile
+
+    from carclf.report import MANIFEST_ARTIFACT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = pd.read_parquet(client.download_artifacts(run_id, MANIFEST_ARTIFACT, tmp))
+    return manifest[manifest["split"] == "test"].reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_report_retests_the_best_validation_trial_per_model(sweeps):
+    client, report = _client(sweeps), sweeps.good
+    trials = [client.get_run(r) for r in sweeps.trial_ids["good"].values() if r]
+    for fam in report.families:
+        finished = [t for t in trials if t.data.tags["carclf.model"] == fam.model and t.info.status == "FINISHED"]
+        best = max(finished, key=lambda t: t.data.metrics["val_f1_macro"])
+        assert fam.trial_run_id == best.info.run_id
+        assert fam.val_metric == best.data.metrics["val_f1_macro"]
+        trial_cfg = fam.config
+        for i, run in enumerate(fam.runs):
+            retest = client.get_run(run.run_id)
+            assert retest.data.tags["mlflow.parentRunId"] == report.report_run_id
+            assert retest.data.tags["carclf.role"] == "retest"
+            assert retest.data.tags["carclf.representative"] == ("true" if i == 0 else "false")
+            assert int(retest.data.params["seed"]) == trial_cfg.seed + i  # seeds vary ...
+            assert retest.data.params["split.seed"] == str(trial_cfg.split.seed)  # ... the split does not
+    assert sorted(f.model for f in report.families) == ["simple_cnn", "svm"]
+    assert any("alexnet: no finished trial" in p for p in report.problems)
+
+
+@pytest.mark.slow
+def test_report_figures_come_from_the_test_split_only(sweeps):
+    client, report = _client(sweeps), sweeps.good
+    table = report.table.set_index("model")
+    for fam in report.families:
+        accuracies = []
+        for run in fam.runs:
+            test = _test_manifest(client, run.run_id)
+            assert np.array_equal(run.y_true, test["label"].to_numpy())  # exactly the test images, in order
+            logged = client.get_run(run.run_id).data.metrics
+            assert logged["test_accuracy"] == pytest.approx(np.mean(run.pred == run.y_true))
+            accuracies.append(logged["test_accuracy"])
+        assert table.loc[fam.model, "test_accuracy"] == pytest.approx(np.mean(accuracies))
+        assert table.loc[fam.model, "val_f1_macro"] == fam.val_metric  # the trial's validation figure
+    hashes = {r.test_hash for f in report.families for r in f.runs}
+    assert len(hashes) == 1
+
+
+@pytest.mark.slow
+def test_report_files_html_and_mlflow_run(sweeps):
+    client, report = _client(sweeps), sweeps.good
+    out = sweeps.root / "results" / "good" / "report"
+    assert report.out_dir == out
+    table = pd.read_parquet(out / "comparison.parquet")
+    assert table["model"].tolist() == ["simple_cnn", "svm"]
+    for column in ("configuration", "val_f1_macro", "test_accuracy_ci_low", "test_f1_macro_ci_high",
+                   "test_precision_macro", "test_recall_macro", "train_seconds", "infer_ms_per_image",
+                   "n_params", "size_mb"):
+        assert table[column].notna().all(), column
+    pd.testing.assert_frame_equal(pd.read_csv(out / "comparison.csv")[["model"]], table[["model"]])
+    page = (out / "report.html").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == len(pngs)
+    assert "simple_cnn" in page and "not reported" in page.lower() and "FAILED" in page
+    run = client.get_run(report.report_run_id)
+    parent_id = json.loads((sweeps.root / "results" / "good" / "sweep.json").read_text())["parent_run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["carclf.role"] == "report" and run.data.tags["carclf.sweep"] == "good"
+    assert run.data.tags["carclf.sweep_parent_run_id"] == parent_id == run.data.tags["mlflow.parentRunId"]
+    logged = {a.path for a in client.list_artifacts(report.report_run_id, "report")}
+    assert {"report/report.html", "report/comparison.parquet", "report/metrics.png"} <= logged

@@ -1,0 +1,216 @@
+"""Register the retested models of a sweep and move an alias to a version only when it is better.
+
+    carclf promote quickstart                       # every family in the latest report
+    carclf promote quickstart --model svm --force   # move carclf-svm@champion regardless
+
+One registered model per family (`carclf-svm`, `carclf-vgg16`, ...). The registered version
+is the family's representative retest run from the latest finished `carclf report` of the
+sweep. The alias (default `champion`; aliases, not the deprecated stages) moves to it only if
+it beats the current holder on the same test split (equal test-manifest hashes) by the
+test counterpart of the sweep's selection metric; `--force` moves it anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from carclf.errors import SweepError, TrackingError
+from carclf.report import (MODEL_TAG, REPRESENTATIVE_TAG, ROLE_TAG, SOURCE_TRIAL_TAG, SWEEP_TAG, TEST_HASH_TAG,
+                           SweepInfo, chosen_configuration, parent_run, resolve_sweep, sweep_client, sweep_uri,
+                           trial_config)
+
+log = logging.getLogger(__name__)
+
+REGISTERED_PREFIX = "carclf-"
+TAG_PREFIX = "carclf."
+# Test figures copied onto each version, so the registry alone can compare versions.
+VERSION_METRICS = ("test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro")
+
+
+def registered_name(model: str) -> str:
+    return f"{REGISTERED_PREFIX}{model}"
+
+
+def matching_test_metric(metric: str) -> str:
+    """The test figure that matches a validation selection metric: val_f1_macro -> test_f1_macro."""
+    return "test_" + metric[len("val_"):] if metric.startswith("val_") else f"test_{metric}"
+
+
+def latest_report_run(client, info: SweepInfo):
+    """The newest FINISHED report run of the sweep; SweepError telling to run `carclf report` if none."""
+    experiment_id = parent_run(client, info).info.experiment_id
+    query = (f"tags.`{ROLE_TAG}` = 'report' and tags.`{SWEEP_TAG}` = '{info.name}' "
+             "and attributes.status = 'FINISHED'")
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise SweepError(f"sweep {info.name!r} has no finished report: run `carclf report {info.name}` first")
+    return runs[0]
+
+
+def representative_runs(client, report_run, model: str | None = None) -> list:
+    """The report's representative retest run per family (optionally one family)."""
+    query = (f"tags.mlflow.parentRunId = '{report_run.info.run_id}' and tags.`{ROLE_TAG}` = 'retest' "
+             f"and tags.`{REPRESENTATIVE_TAG}` = 'true'")
+    runs = client.search_runs([report_run.info.experiment_id], filter_string=query, max_results=1000)
+    by_model = {r.data.tags.get(MODEL_TAG): r for r in runs}
+    if model is None:
+        if not by_model:
+            raise SweepError(f"report run {report_run.info.run_id} holds no retested model; run `carclf report` again")
+        return [by_model[m] for m in sorted(by_model)]
+    if model not in by_model:
+        raise SweepError(f"model {model!r} is not in report run {report_run.info.run_id}; "
+                         f"retested: {', '.join(sorted(by_model)) or 'none'}")
+    return [by_model[model]]
+
+
+def version_tags(info: SweepInfo, run, report_run, client) -> dict[str, str]:
+    """Tags for a registered version: where it came from and its test figures on which split."""
+    model = run.data.tags.get(MODEL_TAG, "")
+    tags = {f"{TAG_PREFIX}sweep": info.name, f"{TAG_PREFIX}model": model,
+            f"{TAG_PREFIX}report_run_id": report_run.info.run_id,
+            f"{TAG_PREFIX}trial_run_id": run.data.tags.get(SOURCE_TRIAL_TAG, ""),
+            f"{TAG_PREFIX}test_manifest_hash": run.data.tags.get(TEST_HASH_TAG, ""),
+            f"{TAG_PREFIX}selection_metric": info.metric,
+            f"{TAG_PREFIX}configuration": chosen_configuration(trial_config(client, run.info.run_id))}
+    for key in VERSION_METRICS:
+        if key in run.data.metrics:
+            tags[f"{TAG_PREFIX}{key}"] = repr(float(run.data.metrics[key]))
+        seed_mean = report_run.data.metrics.get(f"{model}.{key}")
+        if seed_mean is not None:
+            tags[f"{TAG_PREFIX}{key}_seed_mean"] = repr(float(seed_mean))
+    return tags
+
+
+def register(client, uri: str, run, tags: dict[str, str]):
+    """The registry version for the run's model: reused if this run is registered already, else new."""
+    import mlflow
+
+    name = registered_name(run.data.tags.get(MODEL_TAG, ""))
+    existing = [v for v in _versions(client, name) if v.run_id == run.info.run_id]
+    if existing:
+        return existing[0], False
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    version = mlflow.register_model(logged_model_uri(client, run.info.run_id), name, tags=tags)
+    return client.get_model_version(name, version.version), True
+
+
+def logged_model_uri(client, run_id: str) -> str:
+    """`models:/<model id>` of the model the run logged (MLflow 3 keeps models apart from run artifacts)."""
+    outputs = client.get_run(run_id).outputs
+    model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
+    if not model_ids:
+        raise TrackingError(f"run {run_id} logged no model; run `carclf report` again with model logging on")
+    return f"models:/{model_ids[-1]}"
+
+
+def _versions(client, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []
+
+
+def current_holder(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+@dataclass
+class PromoteOutcome:
+    name: str
+    version: str
+    registered_new: bool
+    alias: str
+    moved: bool
+    new_value: float
+    old_version: str | None
+    old_value: float | None
+    reason: str
+
+    def line(self, metric: str) -> str:
+        old = (f"{self.alias} was v{self.old_version} ({metric} {_show(self.old_value)})"
+               if self.old_version else f"no {self.alias} yet")
+        verb = "alias moved" if self.moved else "alias kept"
+        return (f"{self.name} v{self.version} ({metric} {_show(self.new_value)}); {old}: {verb} "
+                f"({self.reason})")
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _tag_float(version, key: str) -> float:
+    try:
+        return float(version.tags.get(key, "nan"))
+    except ValueError:
+        return float("nan")
+
+
+def decide(new, old, *, metric: str, mode: str, force: bool) -> tuple[bool, str]:
+    """(move the alias?, why) for a new version against the current holder (None if there is none)."""
+    if old is None:
+        return True, "first holder"
+    if old.version == new.version:
+        return False, "already the holder"
+    if force:
+        return True, "--force"
+    key = f"{TAG_PREFIX}{metric}"
+    hash_key = f"{TAG_PREFIX}test_manifest_hash"
+    new_hash, old_hash = new.tags.get(hash_key), old.tags.get(hash_key)
+    if not new_hash or new_hash != old_hash:
+        return False, "tested on a different test split; use --force to move it anyway"
+    new_value, old_value = _tag_float(new, key), _tag_float(old, key)
+    if math.isnan(new_value):
+        return False, f"the new version has no {metric}"
+    if math.isnan(old_value):
+        return True, f"the holder has no {metric}"
+    better = new_value > old_value if mode == "max" else new_value < old_value
+    return (True, "better on the same test split") if better else \
+        (False, "not better on the same test split; use --force to move it anyway")
+
+
+def promote(sweep: str, *, model: str | None = None, alias: str = "champion", force: bool = False) -> list[PromoteOutcome]:
+    """Register each retested family of the sweep's latest report and move `alias` where it is earned."""
+    if not alias or (alias.lower().startswith("v") and alias[1:].isdigit()) or alias.lower() == "latest":
+        raise SweepError(f"alias {alias!r} is reserved by MLflow (v<number>, latest); pick another name")
+    info = resolve_sweep(sweep)
+    client, uri = sweep_client(info), sweep_uri(info)
+    report_run = latest_report_run(client, info)
+    metric = matching_test_metric(info.metric)
+    outcomes = []
+    for run in representative_runs(client, report_run, model):
+        try:
+            version, is_new = register(client, uri, run, version_tags(info, run, report_run, client))
+        except Exception as e:  # noqa: BLE001 - MLflow raises many types; the message names the run
+            raise TrackingError(f"cannot register the model of run {run.info.run_id}: {e}") from e
+        old = current_holder(client, version.name, alias)
+        move, reason = decide(version, old, metric=metric, mode=info.mode, force=force)
+        if move:
+            client.set_registered_model_alias(version.name, alias, version.version)
+        outcomes.append(PromoteOutcome(
+            name=version.name, version=str(version.version), registered_new=is_new, alias=alias, moved=move,
+            new_value=_tag_float(version, f"{TAG_PREFIX}{metric}"),
+            old_version=str(old.version) if old is not None else None,
+            old_value=_tag_float(old, f"{TAG_PREFIX}{metric}") if old is not None else None, reason=reason))
+        log.info(outcomes[-1].line(metric))
+    return outcomes
+
+
+def cli_promote(args) -> int:
+    info = resolve_sweep(args.sweep)
+    metric = matching_test_metric(info.metric)
+    for outcome in promote(args.sweep, model=args.model, alias=args.alias, force=args.force):
+        print(outcome.line(metric))
+        if outcome.moved:
+            print(f"  load with: models:/{outcome.name}@{outcome.alias}")
+    return 0
