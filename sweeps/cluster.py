@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 from carclf.errors import SweepError, TrackingError
@@ -168,6 +168,7 @@ def run_checks(checks: list[tuple]) -> list[str]:
     """Check paths and URLs from where this runs; returns problems (empty when all is well).
 
     ("dir", what, path)            an existing folder whose listing is readable
+    ("file", what, path)           an existing, readable file (local weights)
     ("writable", what, path)       a folder that exists and is writable, or can be created
     ("marker", what, path, text)   a file holding `text` (proves a folder is shared)
     ("http", what, url)            an MLflow server answering GET url/health
@@ -188,6 +189,15 @@ def _check_dir(path: str) -> str | None:
         next(os.scandir(p), None)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
+    return None
+
+
+def _check_file(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return "not a file here" if p.exists() else "does not exist here"
+    if not os.access(p, os.R_OK):
+        return "cannot be read here"
     return None
 
 
@@ -232,7 +242,7 @@ def _remove_marker(path: str) -> str | None:
     return None
 
 
-_CHECKS = {"dir": _check_dir, "writable": _check_writable, "marker": _check_marker, "http": _check_http,
+_CHECKS = {"dir": _check_dir, "file": _check_file, "writable": _check_writable, "marker": _check_marker, "http": _check_http,
            "write_marker": _write_marker, "remove_marker": _remove_marker}
 
 
@@ -352,13 +362,18 @@ def _prove_shared(folder: Path, cluster: ClusterView) -> None:
 # ---------------------------------------------------------------------- data on every node
 
 
-def check_data_paths(cluster: ClusterView, *, data_path: str | None = None, cache_dir: str | None = None) -> None:
-    """The data folder must be readable and the cache folder writable on every node (fails fast, naming both)."""
+def check_data_paths(cluster: ClusterView, *, data_path: str | None = None, cache_dir: str | None = None,
+                     files: Iterable[str] = ()) -> None:
+    """The data folder and `files` must be readable and the cache folder writable on every node.
+
+    Fails fast, naming each node and path, instead of as many failed trials as there are nodes.
+    """
     checks: list[tuple] = []
     if data_path:
         checks.append(("dir", "data folder", str(data_path)))
     if cache_dir:
         checks.append(("writable", "cache folder", str(cache_dir)))
+    checks += [("file", "file", str(f)) for f in files]
     if checks:
         _raise_problems(cluster.probe_all(checks), SweepError,
                         "put the data on a shared file system or copy it to the same path on every node "
@@ -369,25 +384,27 @@ def check_data_paths(cluster: ClusterView, *, data_path: str | None = None, cach
 
 
 def resolve_cluster_settings(address: str | None, tracking_uri: str, storage_path: str, *,
-                             data_path: str | None = None, cache_dir: str | None = None,
+                             data_path: str | None = None, cache_dir: str | None = None, files: Iterable[str] = (),
                              cluster: ClusterView | None = None) -> tuple[str, str]:
     """(tracking_uri, storage_path) that every node of the cluster at `address` can use, else SweepError.
 
-    address None: a local sweep, returned unchanged. `cluster` is for tests (a view with fake probes);
-    by default the driver connects to `address` and inspects the real cluster.
+    address None: a local sweep, returned unchanged. data_path, cache_dir and files (e.g. local weights)
+    are checked on every node when given. `cluster` is for tests (a view with fake probes); by default
+    the driver connects to `address` and inspects the real cluster.
     """
     if address is None:
         return tracking_uri, storage_path
+    data = {"data_path": data_path, "cache_dir": cache_dir, "files": tuple(files)}
     if cluster is not None:
-        return _resolve(cluster, tracking_uri, storage_path, data_path, cache_dir)
+        return _resolve(cluster, tracking_uri, storage_path, data)
     with connected(address):
-        return _resolve(inspect_cluster(), tracking_uri, storage_path, data_path, cache_dir)
+        return _resolve(inspect_cluster(), tracking_uri, storage_path, data)
 
 
-def _resolve(cluster: ClusterView, tracking_uri: str, storage_path: str, data_path, cache_dir) -> tuple[str, str]:
+def _resolve(cluster: ClusterView, tracking_uri: str, storage_path: str, data: dict) -> tuple[str, str]:
     log.info("Ray cluster: %d node(s)%s%s", len(cluster.nodes), ", all on this machine" if cluster.all_local else "",
              ", autoscaling" if cluster.may_grow else "")
     uri = check_tracking_uri(tracking_uri, cluster)
     storage = check_storage_path(str(storage_path), cluster)
-    check_data_paths(cluster, data_path=data_path, cache_dir=cache_dir)
+    check_data_paths(cluster, **data)
     return uri, storage
