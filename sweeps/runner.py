@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -22,7 +21,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import ray
@@ -32,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler
 from carclf import paths
 from carclf.config import ConfigError, deep_merge
 from carclf.errors import SweepError
-from sweeps.spec import METRICS, SweepSpec, describe_space, load_sweep_spec
+from sweeps.spec import SweepSpec, describe_space, load_sweep_spec
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +113,7 @@ class _EpochReporter:
             tune.report(_metric_row(row, self.label))
         except SystemExit:
             # Ray ends a stopped trial's thread with SystemExit inside report().
-            raise TrialStopped(f"stopped early by the scheduler after epoch {epoch}") from None
+            raise TrialStopped(f"stopped early by Tune after epoch {epoch}") from None
 
 
 def _final_metrics(result, label: str, epochs: int) -> dict:
@@ -137,7 +135,7 @@ def _mark_stopped(client, run_id: str | None, epochs: int) -> None:
         return
     with contextlib.suppress(Exception):
         client.delete_tag(run_id, ERROR_TAG)
-    client.set_tag(run_id, STOPPED_TAG, f"scheduler after epoch {epochs}")
+    client.set_tag(run_id, STOPPED_TAG, f"by Tune (scheduler or time budget) after epoch {epochs}")
     client.set_terminated(run_id, status="KILLED")
 
 
@@ -154,7 +152,8 @@ def _trial_runs(client, experiment_id: str, parent_run_id: str, trial_id: str | 
 def _reuse_finished_run(ctx: TrialContext, client, trial_id: str, label: str) -> dict | None:
     """On --resume: a trial that already finished in MLflow is reported from there, not retrained.
 
-    A run the interrupted driver left RUNNING is deleted, so the redo is the trial's only run.
+    Tune re-runs only trials that had not ended, so any unfinished run of this trial belongs to the
+    interruption and is deleted: the redo is the trial's only run.
     """
     exp_id = client.get_run(ctx.parent_run_id).info.experiment_id
     runs = _trial_runs(client, exp_id, ctx.parent_run_id, trial_id)
@@ -166,10 +165,47 @@ def _reuse_finished_run(ctx: TrialContext, client, trial_id: str, label: str) ->
             row.update(epoch=int(m.get("epochs_run", 1)), mlflow_run_id=run.info.run_id, reused=1)
             return row
     for run in runs:
-        if run.info.status in ("RUNNING", "SCHEDULED"):
+        # RUNNING: the driver was killed; KILLED: stopped by Ctrl-C. FAILED attempts stay as the record.
+        if run.info.status in ("RUNNING", "SCHEDULED", "KILLED"):
             log.info("deleting run %s of trial %s left unfinished by the interrupted sweep", run.info.run_id, trial_id)
             client.delete_run(run.info.run_id)
     return None
+
+
+def _feature_key(cfg) -> dict:
+    """What an SVM trial's features depend on (a superset of the feature cache's key is safe)."""
+    d = cfg.to_dict()
+    svm = {k: d["svm"][k] for k in ("backbone", "backbone_weights", "features", "augment_copies")}
+    return {"data": d["data"], "split": d["split"], "balance": d["balance"], "augment": d["augment"],
+            "seed": d["seed"], "svm": svm}
+
+
+@contextlib.contextmanager
+def first_fill_lock(cache_dir: str | Path, key: dict) -> Iterator[None]:
+    """Trials needing the same cache entries run one at a time until one of them has filled them.
+
+    Without it, the first two SVM trials of a sweep, started together, both extract the same
+    features. A marker file ends the waiting once a trial with this key has succeeded; flock
+    is released by the OS if its holder dies.
+    """
+    import fcntl
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = Path(cache_dir) / "sweep-locks"
+    done = folder / f"{digest}.done"
+    if done.exists():
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{digest}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if done.exists():
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            yield
+            return
+        yield
+        done.touch()
 
 
 _trial_thread: list[threading.Thread] = []
@@ -193,8 +229,11 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     fn = ctx.experiment_fn
     if fn is None:
         from carclf.experiment import run_experiment as fn
+    lock = (first_fill_lock(cfg.data.cache_dir, _feature_key(cfg)) if not network and cfg.data.cache_dir
+            else contextlib.nullcontext())
     try:
-        result = fn(cfg, on_epoch=reporter, parent_run_id=ctx.parent_run_id, tags=tags)
+        with lock:
+            result = fn(cfg, on_epoch=reporter, parent_run_id=ctx.parent_run_id, tags=tags)
     except TrialStopped:
         _mark_stopped(_mlflow_client(ctx.tracking_uri), reporter.run_id, reporter.epochs)
         raise SystemExit(0) from None
@@ -388,6 +427,21 @@ def _resolve_weights_paths(spec: SweepSpec) -> SweepSpec:
 
     models = {k: e.model_copy(update={"config": fix(e.config, f"models.{k}.config")}) for k, e in spec.models.items()}
     return spec.model_copy(update={"base": fix(spec.base, "base"), "models": models})
+
+
+def warm_decode_cache(spec: SweepSpec, overrides: dict) -> None:
+    """Decode every image once, on the driver, at each image size the sweep uses.
+
+    Otherwise the first trials, started together, would all decode the same images.
+    """
+    from carclf.config import validate_run_config
+    from carclf.data import decode_cache_for, scan_folder
+
+    data = overrides["data"]
+    sizes = sorted({validate_run_config(spec.base_config(k)).data.image_size for k in spec.models})
+    for size in sizes:
+        print(f"decode cache: {data['path']} at {size} px -> {data['cache_dir']}", flush=True)
+        scan_folder(data["path"], cache=decode_cache_for(data["cache_dir"], size), progress=True)
 
 
 def _tracking_uri(spec: SweepSpec, tracking_uri: str | None) -> str:
@@ -682,6 +736,8 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
     from carclf.tracking import ensure_experiment
 
     ensure_experiment(experiment, uri)  # database and experiment created once, here, before any trial
+    if spec.warm_cache:
+        warm_decode_cache(spec, overrides)
     timings: dict[str, float] = {"start": time.perf_counter()}
     with _tracking_endpoint(spec, uri) as trial_uri:
         client = _mlflow_client(trial_uri)
@@ -734,11 +790,23 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
     return table
 
 
+def _short_number(value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return value
+
+
 def _show(table, metric: str) -> str:
     import pandas as pd
 
     cols = [c for c in ("trial_id", "model", "status", *PARAM_COLUMNS, metric, metric.replace("val_", "test_"),
-                        "test_accuracy") if c in table.columns and c != "image_size"]
+                        "test_accuracy") if c in table.columns and c != "image_size" and table[c].notna().any()]
+    table = table.copy()
+    if "gamma" in table:
+        table["gamma"] = table["gamma"].map(_short_number)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format):
         return table[cols].to_string(index=False)
 

@@ -10,7 +10,6 @@ A parameter is a constant (`epochs: 3`), a list of choices (`{choices: [16, 32]}
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
@@ -207,6 +206,7 @@ class SweepSpec(_Strict):
     n_startup_trials: int | None = Field(default=None, ge=1)  # random trials before TPE models the space
     max_failures: int = Field(default=1, ge=0)  # retries of a trial that raised
     tracking_server: Literal["auto", "always", "never"] = "auto"  # auto: a server when the store is local sqlite
+    warm_cache: bool = True  # decode every image once on the driver before trials start
 
     @field_validator("metric")
     @classmethod
@@ -369,7 +369,3 @@ def describe_space(spec: SweepSpec) -> dict[str, Any]:
         out[key] = {"model": spec.model_name(key), "resources": spec.models[key].resources.model_dump(),
                     "params": params}
     return out
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -134,6 +134,39 @@ def test_seeded_sampler_proposes_the_same_trials():
     assert proposals(3) != proposals(4)
 
 
+def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path):
+    import threading
+    import time
+
+    from sweeps.runner import first_fill_lock
+
+    key = {"svm": {"backbone": "mobilenet_v2"}}
+    order = []
+
+    def trial(name, hold):
+        with first_fill_lock(tmp_path, key):
+            order.append(f"{name} in")
+            time.sleep(hold)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=trial, args=("first", 0.5))
+    first.start()
+    time.sleep(0.1)
+    trial("second", 0)
+    first.join()
+    assert order == ["first in", "first out", "second in", "second out"]
+    assert len(list((tmp_path / "sweep-locks").glob("*.done"))) == 1
+
+
+def test_first_fill_lock_is_not_marked_done_by_a_failure(tmp_path):
+    from sweeps.runner import first_fill_lock
+
+    with pytest.raises(RuntimeError):
+        with first_fill_lock(tmp_path, {"k": 1}):
+            raise RuntimeError("extraction failed")
+    assert not list((tmp_path / "sweep-locks").glob("*.done"))
+
+
 # --------------------------------------------------------------------------- sweeps with Ray (slow)
 
 
