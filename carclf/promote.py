@@ -3,11 +3,13 @@
     carclf promote quickstart                       # every family in the latest report
     carclf promote quickstart --model svm --force   # move carclf-svm@champion regardless
 
-One registered model per family (`carclf-svm`, `carclf-vgg16`, ...). The registered version
-is the family's representative retest run from the latest finished `carclf report` of the
-sweep. The alias (default `champion`; aliases, not the deprecated stages) moves to it only if
-it beats the current holder on the same test split (equal test-manifest hashes) by the
-test counterpart of the sweep's selection metric; `--force` moves it anyway.
+One registered model per family (`carclf-svm`, `carclf-vgg16`, ...). A family is the sweep's
+model entry: a sweep with `svm_linear` and `svm_rbf` entries registers `carclf-svm_linear` and
+`carclf-svm_rbf`. The registered version is the family's representative retest run from the
+latest finished `carclf report` of the sweep. The alias (default `champion`; aliases, not the
+deprecated stages) moves to it only if it beats the current holder on the same test split
+(equal test-manifest hashes) by the test counterpart of the sweep's selection metric;
+`--force` moves it anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from carclf.errors import SweepError, TrackingError
 from carclf.report import (MODEL_TAG, REPRESENTATIVE_TAG, ROLE_TAG, SOURCE_TRIAL_TAG, SWEEP_TAG, TEST_HASH_TAG,
-                           SweepInfo, chosen_configuration, parent_run, resolve_sweep, sweep_client, sweep_uri,
+                           SweepInfo, chosen_configuration, family_of, parent_run, resolve_sweep, sweep_client, sweep_uri,
                            trial_config)
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def representative_runs(client, report_run, model: str | None = None) -> list:
     query = (f"tags.mlflow.parentRunId = '{report_run.info.run_id}' and tags.`{ROLE_TAG}` = 'retest' "
              f"and tags.`{REPRESENTATIVE_TAG}` = 'true'")
     runs = client.search_runs([report_run.info.experiment_id], filter_string=query, max_results=1000)
-    by_model = {r.data.tags.get(MODEL_TAG): r for r in runs}
+    by_model = {family_of(r.data.tags): r for r in runs}
     if model is None:
         if not by_model:
             raise SweepError(f"report run {report_run.info.run_id} holds no retested model; run `carclf report` again")
@@ -68,8 +70,9 @@ def representative_runs(client, report_run, model: str | None = None) -> list:
 
 def version_tags(info: SweepInfo, run, report_run, client) -> dict[str, str]:
     """Tags for a registered version: where it came from and its test figures on which split."""
-    model = run.data.tags.get(MODEL_TAG, "")
-    tags = {f"{TAG_PREFIX}sweep": info.name, f"{TAG_PREFIX}model": model,
+    model = family_of(run.data.tags)
+    tags = {f"{TAG_PREFIX}sweep": info.name, f"{TAG_PREFIX}family": model,
+            f"{TAG_PREFIX}model": run.data.tags.get(MODEL_TAG, model),
             f"{TAG_PREFIX}report_run_id": report_run.info.run_id,
             f"{TAG_PREFIX}trial_run_id": run.data.tags.get(SOURCE_TRIAL_TAG, ""),
             f"{TAG_PREFIX}test_manifest_hash": run.data.tags.get(TEST_HASH_TAG, ""),
@@ -88,7 +91,7 @@ def register(client, uri: str, run, tags: dict[str, str]):
     """The registry version for the run's model: reused if this run is registered already, else new."""
     import mlflow
 
-    name = registered_name(run.data.tags.get(MODEL_TAG, ""))
+    name = registered_name(family_of(run.data.tags))
     existing = [v for v in _versions(client, name) if v.run_id == run.info.run_id]
     if existing:
         return existing[0], False

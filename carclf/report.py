@@ -37,6 +37,8 @@ from carclf.errors import CarclfError, SweepError, TrackingError
 log = logging.getLogger(__name__)
 
 ROLE_TAG, SWEEP_TAG, MODEL_TAG = "carclf.role", "carclf.sweep", "carclf.model"
+SWEEP_MODEL_TAG = "carclf.sweep_model"  # the sweep's model entry (svm_linear, svm_rbf: both model 'svm')
+STOPPED_TAG = "carclf.stopped_early"  # set by the sweep runner on trials the scheduler stopped
 SWEEP_PARENT_TAG = "carclf.sweep_parent_run_id"
 REPORT_RUN_TAG = "carclf.report_run_id"
 SOURCE_TRIAL_TAG = "carclf.source_trial_run_id"
@@ -125,20 +127,57 @@ def parent_run(client, info: SweepInfo):
 
 
 def trial_runs(client, info: SweepInfo) -> pd.DataFrame:
-    """One row per trial run of the sweep: run_id, trial_id, model, status, start_time, error, metrics."""
+    """One row per trial of the sweep: run_id, trial_id, model, status, start_time, error, metrics.
+
+    `model` is the sweep's model entry (tag carclf.sweep_model, e.g. svm_linear and svm_rbf are two
+    families of the one `svm` model). A trial retried after a failure keeps its best attempt.
+    The selection metric is the trial's final value (see final_metric), not MLflow's latest step.
+    """
     experiment_id = parent_run(client, info).info.experiment_id
     query = (f"tags.mlflow.parentRunId = '{info.parent_run_id}' and tags.`{ROLE_TAG}` = 'trial'")
     runs = client.search_runs([experiment_id], filter_string=query, max_results=50000,
                               order_by=["attributes.start_time ASC"])
-    rows = [{
-        "run_id": r.info.run_id, "trial_id": r.data.tags.get("carclf.trial_id", ""),
-        "model": r.data.tags.get(MODEL_TAG, r.data.params.get("model.name", "")),
-        "status": r.info.status, "start_time": r.info.start_time,
-        "error": r.data.tags.get("carclf.error", ""), **r.data.metrics,
-    } for r in runs]
+    rows = [_trial_row(client, r, info.metric) for r in runs]
     if not rows:
         return pd.DataFrame(columns=["run_id", "trial_id", "model", "status", "start_time", "error"])
-    return pd.DataFrame(rows)
+    return _one_attempt_per_trial(pd.DataFrame(rows))
+
+
+def _trial_row(client, run, metric: str) -> dict[str, Any]:
+    tags = run.data.tags
+    status = run.info.status
+    if status == "KILLED" and STOPPED_TAG in tags:
+        status = "STOPPED_EARLY"  # ended by the scheduler for a poor validation curve: expected, not an error
+    row = {"run_id": run.info.run_id, "trial_id": tags.get("carclf.trial_id", run.info.run_id),
+           "model": family_of(tags, run.data.params), "status": status, "start_time": run.info.start_time,
+           "error": tags.get("carclf.error", ""), **run.data.metrics}
+    if status == "FINISHED" and metric in run.data.metrics:
+        row[metric] = final_metric(client, run.info.run_id, metric)
+    return row
+
+
+def family_of(tags: dict, params: dict | None = None) -> str:
+    """A run's model family: the sweep's model entry if tagged, else the carclf model name."""
+    return tags.get(SWEEP_MODEL_TAG) or tags.get(MODEL_TAG) or (params or {}).get("model.name", "")
+
+
+def final_metric(client, run_id: str, key: str) -> float:
+    """The value a run logged last for `key`.
+
+    run_experiment logs per-epoch values at step=epoch and the final evaluation (the restored best
+    epoch) at step 0 afterwards; MLflow's 'latest' value is the highest step's, i.e. the last epoch's.
+    """
+    history = client.get_metric_history(run_id, key)
+    if not history:
+        return float("nan")
+    return float(max(history, key=lambda m: (m.timestamp, -m.step)).value)
+
+
+def _one_attempt_per_trial(trials: pd.DataFrame) -> pd.DataFrame:
+    rank = trials["status"].map({"FINISHED": 0, "STOPPED_EARLY": 1}).fillna(2)
+    ordered = trials.assign(_rank=rank).sort_values(["_rank", "start_time"], ascending=[True, False], kind="mergesort")
+    kept = ordered.drop_duplicates("trial_id").drop(columns="_rank")
+    return kept.sort_values("start_time", kind="mergesort").reset_index(drop=True)
 
 
 def select_best(trials: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
@@ -293,7 +332,7 @@ def retest_family(family: FamilyRetest, configs: list[RunConfig], *, client, rep
     from carclf.experiment import run_experiment
 
     for i, cfg in enumerate(configs):
-        tags = {ROLE_TAG: "retest", SWEEP_TAG: info.name, REPORT_RUN_TAG: report_run_id,
+        tags = {ROLE_TAG: "retest", SWEEP_TAG: info.name, REPORT_RUN_TAG: report_run_id, SWEEP_MODEL_TAG: family.model,
                 SOURCE_TRIAL_TAG: family.trial_run_id, SEED_INDEX_TAG: i}
         try:
             result = run_experiment(cfg, parent_run_id=report_run_id, tags=tags, evaluate_test=True,

@@ -24,7 +24,7 @@ def _test_paths(client, run_id) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["svm", "simple_cnn"])
+@pytest.mark.parametrize("model", ["svm_rbf", "simple_cnn"])
 def test_registered_model_predicts_what_evaluation_predicted(sweeps, uri, model):
     promote("good", model=model)
     rep = next(f for f in sweeps.good.families if f.model == model).representative
@@ -39,7 +39,7 @@ def test_registered_model_predicts_what_evaluation_predicted(sweeps, uri, model)
 
 @pytest.mark.slow
 def test_run_uri_folders_unreadable_files_and_csv(sweeps, uri, tmp_path, capsys, monkeypatch):
-    rep = next(f for f in sweeps.good.families if f.model == "svm").representative
+    rep = next(f for f in sweeps.good.families if f.model == "svm_rbf").representative
     folder = tmp_path / "photos"
     (folder / "nested" / ".hidden").mkdir(parents=True)
     for i, src in enumerate(sorted(sweeps.data_dir.rglob("*.jpg"))[:3]):

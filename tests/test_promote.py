@@ -11,7 +11,7 @@ from carclf.promote import cli_promote, decide, promote, matching_test_metric
 from tiny_sweep import sweeps, uri, write_sweep_json  # noqa: F401 - fixtures
 
 
-def _rep_f1(report, model="svm") -> float:
+def _rep_f1(report, model="svm_rbf") -> float:
     fam = next(f for f in report.families if f.model == model)
     return fam.representative.test_metrics["f1_macro"]
 
@@ -22,14 +22,14 @@ def test_promote_sets_alias_refuses_worse_model_and_force_moves_it(sweeps, uri, 
     assert _rep_f1(sweeps.bad) < _rep_f1(sweeps.good)  # the fixture's premise
 
     first = {o.name: o for o in promote("good")}
-    assert set(first) == {"carclf-svm", "carclf-simple_cnn"}
+    assert set(first) == {"carclf-svm_rbf", "carclf-simple_cnn"}
     assert all(o.moved and o.registered_new and o.reason == "first holder" for o in first.values())
-    champion = client.get_model_version_by_alias("carclf-svm", "champion")
-    good_rep = next(f for f in sweeps.good.families if f.model == "svm").representative
+    champion = client.get_model_version_by_alias("carclf-svm_rbf", "champion")
+    good_rep = next(f for f in sweeps.good.families if f.model == "svm_rbf").representative
     assert champion.run_id == good_rep.run_id
     assert float(champion.tags["carclf.test_f1_macro"]) == pytest.approx(_rep_f1(sweeps.good))
     assert champion.tags["carclf.test_manifest_hash"] == good_rep.test_hash
-    chosen = next(f for f in sweeps.good.families if f.model == "svm").config
+    chosen = next(f for f in sweeps.good.families if f.model == "svm_rbf").config
     assert champion.tags["carclf.sweep"] == "good"
     assert f"C={chosen.svm.C:.3g}," in champion.tags["carclf.configuration"]
     assert "backbone_weights=mobilenet_v2-b0353104.pth" in champion.tags["carclf.configuration"]
@@ -38,28 +38,28 @@ def test_promote_sets_alias_refuses_worse_model_and_force_moves_it(sweeps, uri, 
     out = capsys.readouterr().out
     assert f"{_rep_f1(sweeps.bad):.4f}" in out and f"{_rep_f1(sweeps.good):.4f}" in out  # both figures
     assert "alias kept" in out and "not better" in out
-    assert client.get_model_version_by_alias("carclf-svm", "champion").version == champion.version
-    assert len(client.search_model_versions("name = 'carclf-svm'")) == 2  # registered, not promoted
+    assert client.get_model_version_by_alias("carclf-svm_rbf", "champion").version == champion.version
+    assert len(client.search_model_versions("name = 'carclf-svm_rbf'")) == 2  # registered, not promoted
 
     [forced] = promote("bad", force=True)
     assert forced.moved and not forced.registered_new  # the version from the refused attempt is reused
-    assert str(client.get_model_version_by_alias("carclf-svm", "champion").version) == forced.version
+    assert str(client.get_model_version_by_alias("carclf-svm_rbf", "champion").version) == forced.version
     assert forced.version != str(champion.version)
 
 
 @pytest.mark.slow
 def test_promote_again_reuses_the_version_and_only_one_family(sweeps, uri):
-    promote("good", model="svm")
-    [again] = promote("good", model="svm", alias="champion")
+    promote("good", model="svm_rbf")
+    [again] = promote("good", model="svm_rbf", alias="champion")
     assert not again.registered_new and not again.moved and again.reason == "already the holder"
     client = MlflowClient(uri)
-    assert len(client.search_model_versions("name = 'carclf-svm'")) == 1
+    assert len(client.search_model_versions("name = 'carclf-svm_rbf'")) == 1
     assert client.search_registered_models("name = 'carclf-simple_cnn'") == []
 
 
 @pytest.mark.slow
 def test_promote_unknown_family_names_the_retested_ones(sweeps, uri):
-    with pytest.raises(SweepError, match="'vgg16' is not in report run .*retested: simple_cnn, svm"):
+    with pytest.raises(SweepError, match="'vgg16' is not in report run .*retested: simple_cnn, svm_rbf"):
         promote("good", model="vgg16")
 
 

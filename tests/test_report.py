@@ -59,6 +59,19 @@ def test_unfinished_lists_failed_running_and_killed_trials():
     assert "boom" in left.set_index("run_id").loc["c", "error"]
 
 
+def test_a_retried_trial_keeps_its_finished_attempt():
+    from carclf.report import _one_attempt_per_trial
+
+    t = pd.DataFrame([
+        {"run_id": "r1", "trial_id": "t1", "status": "FAILED", "start_time": 1},
+        {"run_id": "r2", "trial_id": "t1", "status": "FINISHED", "start_time": 2},
+        {"run_id": "r3", "trial_id": "t2", "status": "FAILED", "start_time": 3},
+        {"run_id": "r4", "trial_id": "t2", "status": "FAILED", "start_time": 4},
+        {"run_id": "r5", "trial_id": "t3", "status": "STOPPED_EARLY", "start_time": 5},
+    ])
+    assert _one_attempt_per_trial(t)["run_id"].tolist() == ["r2", "r4", "r5"]
+
+
 # --------------------------------------------------------------------------- sweep folder
 
 
@@ -180,21 +193,23 @@ def _test_manifest(client, run_id) -> pd.DataFrame:
 @pytest.mark.slow
 def test_report_retests_the_best_validation_trial_per_model(sweeps):
     client, report = _client(sweeps), sweeps.good
-    trials = [client.get_run(r) for r in sweeps.trial_ids["good"].values() if r]
+    finals = sweeps.finals["good"]  # final val macro-F1 per finished trial, as run_experiment computed it
+    trials = [client.get_run(r) for r in finals]
     for fam in report.families:
-        finished = [t for t in trials if t.data.tags["carclf.model"] == fam.model and t.info.status == "FINISHED"]
-        best = max(finished, key=lambda t: t.data.metrics["val_f1_macro"])
-        assert fam.trial_run_id == best.info.run_id
-        assert fam.val_metric == best.data.metrics["val_f1_macro"]
+        mine = [t.info.run_id for t in trials if t.data.tags["carclf.sweep_model"] == fam.model]
+        best = max(mine, key=finals.get)
+        assert fam.trial_run_id == best
+        assert fam.val_metric == pytest.approx(finals[best])
         trial_cfg = fam.config
         for i, run in enumerate(fam.runs):
             retest = client.get_run(run.run_id)
             assert retest.data.tags["mlflow.parentRunId"] == report.report_run_id
-            assert retest.data.tags["carclf.role"] == "retest"
+            assert retest.data.tags["carclf.role"] == "retest" and retest.data.tags["carclf.sweep_model"] == fam.model
+            assert retest.data.tags["carclf.model"] == trial_cfg.model.name  # svm_rbf's model is svm
             assert retest.data.tags["carclf.representative"] == ("true" if i == 0 else "false")
             assert int(retest.data.params["seed"]) == trial_cfg.seed + i  # seeds vary ...
             assert retest.data.params["split.seed"] == str(trial_cfg.split.seed)  # ... the split does not
-    assert sorted(f.model for f in report.families) == ["simple_cnn", "svm"]
+    assert sorted(f.model for f in report.families) == ["simple_cnn", "svm_rbf"]
     assert any("alexnet: no finished trial" in p for p in report.problems)
 
 
@@ -222,7 +237,7 @@ def test_report_files_html_and_mlflow_run(sweeps):
     out = sweeps.root / "results" / "good" / "report"
     assert report.out_dir == out
     table = pd.read_parquet(out / "comparison.parquet")
-    assert table["model"].tolist() == ["simple_cnn", "svm"]
+    assert table["model"].tolist() == ["simple_cnn", "svm_rbf"]
     for column in ("configuration", "val_f1_macro", "test_accuracy_ci_low", "test_f1_macro_ci_high",
                    "test_precision_macro", "test_recall_macro", "train_seconds", "infer_ms_per_image",
                    "n_params", "size_mb"):

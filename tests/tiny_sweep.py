@@ -2,8 +2,9 @@
 
 It has what `carclf sweep` leaves behind (spec, issue 4): `results/<name>/sweep.json`, a parent
 MLflow run tagged carclf.role=sweep and one child run per trial made by run_experiment with the
-trial tags, one of them FAILED. Two sweeps share the data, split and database: 'good' (an SVM on
-real MobileNetV2 features, two settings, and a small CNN) and 'bad' (an SVM crippled by a tiny C).
+runner's trial tags, one of them FAILED. Two sweeps share the data, split and database: 'good'
+(model entry svm_rbf: an SVM on real MobileNetV2 features with two settings; simple_cnn; a failing
+alexnet) and 'bad' (svm_rbf crippled by a tiny C).
 Both are reported once per test process; each test then works on its own copy of the database,
 so registry changes in one test never leak into another.
 """
@@ -28,7 +29,7 @@ class TinySweeps:
     data_dir: Path
     good: object  # carclf.report.ReportResult
     bad: object
-    trial_ids: dict  # sweep name -> {trial_id: run_id}
+    finals: dict  # sweep name -> {trial run_id: final val macro-F1 from run_experiment} (finished trials)
 
 
 _BUILT: dict[str, TinySweeps] = {}
@@ -51,24 +52,29 @@ def config(data_dir: Path, uri: str, cache: Path, **sections):
     return validate_run_config(deep_merge(base, sections), "test config")
 
 
-def make_sweep(name: str, configs: list, *, root: Path, uri: str) -> dict:
-    """Parent run + one trial run per config (a failing config yields a FAILED run); writes sweep.json."""
+def make_sweep(name: str, trials: list[tuple[str, object]], *, root: Path, uri: str) -> dict:
+    """Parent run + one trial run per (model entry, config), tagged as the sweep runner tags them.
+
+    A failing config yields a FAILED run. Returns {run_id: final validation macro-F1 (None if failed)}
+    as run_experiment computed it, for checking what the report reads back from MLflow.
+    """
     from carclf import tracking
     from carclf.experiment import run_experiment
 
-    trials = {}
+    finals = {}
     with tracking.start_run(experiment=EXPERIMENT, run_name=name, uri=uri,
                             tags={"carclf.sweep": name, "carclf.role": "sweep"}) as parent:
         parent_id = parent.info.run_id
-        for i, cfg in enumerate(configs):
-            trial_id = f"{name}_{i:05d}"
-            tags = {"carclf.sweep": name, "carclf.role": "trial", "carclf.trial_id": trial_id}
+        for i, (label, cfg) in enumerate(trials):
+            tags = {"carclf.sweep": name, "carclf.role": "trial", "carclf.trial_id": f"{name}_{i:05d}",
+                    "carclf.sweep_model": label}
             try:
-                trials[trial_id] = run_experiment(cfg, parent_run_id=parent_id, tags=tags).run_id
+                result = run_experiment(cfg, parent_run_id=parent_id, tags=tags)
+                finals[result.run_id] = result.val_metrics["f1_macro"]
             except Exception:  # noqa: BLE001 - a failed trial is part of the fixture
-                trials[trial_id] = None
+                pass
     write_sweep_json(root, name, parent_id, uri)
-    return trials
+    return finals
 
 
 def write_sweep_json(root: Path, name: str, parent_id: str, uri: str) -> None:
@@ -86,21 +92,23 @@ def _build(root: Path) -> TinySweeps:
     data_dir, cache = root / "demo", root / "cache"
     make_demo(data_dir, n_images=150, size=IMAGE_SIZE, seed=0)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    good = [config(data_dir, uri, cache, model={"name": "svm"}, svm={"C": 10.0}),
-            config(data_dir, uri, cache, model={"name": "svm"}, svm={"C": 0.05}),
+    svm = {"name": "svm"}
+    good = [("svm_rbf", config(data_dir, uri, cache, model=svm, svm={"C": 10.0})),
+            ("svm_rbf", config(data_dir, uri, cache, model=svm, svm={"C": 0.05})),
             # networks train at 32 px (a few seconds); the image size does not change the test split
-            config(data_dir, uri, cache, model={"name": "simple_cnn"}, data={"image_size": 32}, train={"epochs": 2}),
-            config(root / "missing", uri, cache, model={"name": "alexnet"})]  # fails: no such folder
-    bad = [config(data_dir, uri, cache, model={"name": "svm"}, svm={"C": 1e-4, "gamma": 1e-6})]
+            ("simple_cnn", config(data_dir, uri, cache, model={"name": "simple_cnn"}, data={"image_size": 32},
+                                  train={"epochs": 2})),
+            ("alexnet", config(root / "missing", uri, cache, model={"name": "alexnet"}))]  # fails: no such folder
+    bad = [("svm_rbf", config(data_dir, uri, cache, model=svm, svm={"C": 1e-4, "gamma": 1e-6}))]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CARCLF_PROJECT_ROOT", str(root))
         mp.setenv("CARCLF_CACHE_DIR", str(cache))
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        trial_ids = {"good": make_sweep("good", good, root=root, uri=uri),
-                     "bad": make_sweep("bad", bad, root=root, uri=uri)}
+        finals = {"good": make_sweep("good", good, root=root, uri=uri),
+                  "bad": make_sweep("bad", bad, root=root, uri=uri)}
         good_report = build_report("good", seeds=2, n_boot=200)
         bad_report = build_report("bad", seeds=1, n_boot=200)
-    return TinySweeps(root, cache, data_dir, good_report, bad_report, trial_ids)
+    return TinySweeps(root, cache, data_dir, good_report, bad_report, finals)
 
 
 def tiny_sweeps(tmp_path_factory) -> TinySweeps:
