@@ -14,6 +14,7 @@ figure) of every pair of models on the same test images, Holm-adjusted.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import itertools
@@ -303,10 +304,11 @@ def seed_configs(cfg: RunConfig, n_seeds: int, *, uri: str, experiment: str, mod
 
 
 def manifest_test_hash(manifest: pd.DataFrame) -> str:
-    """The hash of a manifest's test rows: two runs with equal hashes were tested on the same images."""
-    from carclf.data import manifest_hash
-
-    return manifest_hash(manifest[manifest["split"] == "test"].reset_index(drop=True))
+    """A hash of the test split's (image content, class) pairs: equal hashes mean the same test images
+    with the same labels, wherever the files lie (paths are left out on purpose)."""
+    test = manifest.loc[manifest["split"] == "test", ["sha256", "class"]].astype(str)
+    lines = sorted(test["sha256"] + "\t" + test["class"])
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def run_test_hash(client, run_id: str) -> str:

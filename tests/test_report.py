@@ -255,3 +255,14 @@ def test_report_files_html_and_mlflow_run(sweeps):
     assert run.data.tags["carclf.sweep_parent_run_id"] == parent_id == run.data.tags["mlflow.parentRunId"]
     logged = {a.path for a in client.list_artifacts(report.report_run_id, "report")}
     assert {"report/report.html", "report/comparison.parquet", "report/metrics.png"} <= logged
+
+
+def test_test_split_hash_ignores_paths_and_other_splits_but_not_labels():
+    from carclf.report import manifest_test_hash
+
+    m = pd.DataFrame({"path": ["/a/1.jpg", "/a/2.jpg", "/a/3.jpg"], "sha256": ["s1", "s2", "s3"],
+                      "class": ["bus", "van", "bus"], "split": ["test", "test", "train"]})
+    moved = m.assign(path=m["path"].str.replace("/a/", "/elsewhere/"))[::-1]
+    assert manifest_test_hash(moved) == manifest_test_hash(m)
+    assert manifest_test_hash(m.assign(split=["test", "test", "test"])) != manifest_test_hash(m)
+    assert manifest_test_hash(m.assign(**{"class": ["van", "van", "bus"]})) != manifest_test_hash(m)
