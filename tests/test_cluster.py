@@ -79,7 +79,7 @@ class _Health(http.server.BaseHTTPRequestHandler):
 def health_server():
     """A tiny server answering /health like MLflow's, on every interface; yields its port."""
     server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server.server_address[1]
