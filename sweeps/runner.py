@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -102,9 +103,8 @@ class _EpochReporter:
 
     def __call__(self, epoch: int, row: dict) -> None:
         self.epochs = epoch
-        if self.run_id is None:
-            import mlflow
-
+        mlflow = sys.modules.get("mlflow")  # imported by whatever logs the run; not imported here
+        if self.run_id is None and mlflow is not None:
             active = mlflow.active_run()
             self.run_id = active.info.run_id if active else None
         if not self.network or epoch >= self.last_epoch:
@@ -450,7 +450,20 @@ def _tracking_uri(spec: SweepSpec, tracking_uri: str | None) -> str:
     return resolve_tracking_uri(tracking_uri or spec.base.get("tracking", {}).get("uri"))
 
 
-def _cluster_settings(address: str | None, uri: str, storage: str) -> tuple[str, str]:
+def _weights_files(spec: SweepSpec) -> list[str]:
+    files = set()
+    for key in spec.models:
+        cfg = spec.base_config(key)
+        for section, name in (("model", "weights"), ("svm", "backbone_weights")):
+            value = cfg.get(section, {}).get(name)
+            if value and value not in ("imagenet", "none"):
+                files.add(str(value))
+    return sorted(files)
+
+
+def _cluster_settings(address: str | None, uri: str, storage: str, spec: SweepSpec,
+                      overrides: dict) -> tuple[str, str]:
+    """On a cluster (--address), what every node can reach; checked by sweeps.cluster when present."""
     if address is None:
         return uri, storage
     try:
@@ -458,7 +471,8 @@ def _cluster_settings(address: str | None, uri: str, storage: str) -> tuple[str,
     except ImportError:
         log.warning("sweeps.cluster is not available: using tracking %s and storage %s unchecked", uri, storage)
         return uri, storage
-    return resolve_cluster_settings(address, uri, storage)
+    return resolve_cluster_settings(address, uri, storage, data_path=overrides["data"]["path"],
+                                    cache_dir=overrides["data"]["cache_dir"], files=_weights_files(spec))
 
 
 def _wants_server(spec: SweepSpec, uri: str) -> bool:
@@ -487,12 +501,11 @@ def _ray_session(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        kwargs["address"] = address
+        kwargs["address"] = address  # an existing cluster: its own resources and dashboard settings
     else:
-        kwargs["num_cpus"] = os.cpu_count() or 1
+        kwargs.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
     ray.init(**kwargs)
     try:
         yield
@@ -661,6 +674,9 @@ def _save_results(table, out_dir: Path, client, parent: str) -> None:
     _atomic_write(csv, lambda p: table.to_csv(p, index=False))
     client.log_artifact(parent, str(csv))
     client.log_artifact(parent, str(parquet))
+    counts = table["status"].value_counts() if not table.empty else {}
+    client.log_batch(parent, metrics=_metrics({f"trials_{k}": int(counts.get(k, 0))
+                                               for k in ("completed", "stopped_early", "failed")}, step=len(table)))
 
 
 # ---------------------------------------------------------------------- the sweep
@@ -718,6 +734,14 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _interrupted(spec: SweepSpec, trials: list, fit_seconds: float) -> bool:
+    """Ctrl-C ends Tuner.fit() normally: a sweep short of trials within its time budget was interrupted."""
+    if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
+        return True
+    budget_spent = spec.time_budget_s is not None and fit_seconds >= spec.time_budget_s
+    return len(trials) < spec.num_samples and not budget_spent
+
+
 def run_sweep(spec_path, *, name: str | None = None, address: str | None = None, resume: bool = False,
               storage_path: str | None = None, tracking_uri: str | None = None,
               experiment_fn: Callable | None = None):
@@ -731,7 +755,7 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
     uri = state["tracking_uri"] if state else _tracking_uri(spec, tracking_uri)
     storage = state["storage_path"] if state else str(_absolute(storage_path, "--storage-path", False)
                                                        if storage_path else out_dir / "ray")
-    uri, storage = _cluster_settings(address, uri, storage)
+    uri, storage = _cluster_settings(address, uri, storage, spec, overrides)
     experiment = state["experiment"] if state else spec.base.get("tracking", {}).get("experiment", "carclf")
     from carclf.tracking import ensure_experiment
 
@@ -754,6 +778,9 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
         ctx = TrialContext(sweep=name, spec=spec, overrides=overrides, parent_run_id=parent, tracking_uri=trial_uri,
                            resumed=bool(state), experiment_fn=experiment_fn)
         driver = _Driver(spec=spec, client=client, parent_run_id=parent, metric=spec.metric, mode=spec.mode)
+        if state:  # the running best goes on from where the interrupted sweep left it
+            m = client.get_run(parent).data.metrics
+            driver.best = m.get(f"best_{spec.metric}")
         _DRIVERS[name] = driver
         status = "FAILED"
         try:
@@ -771,11 +798,12 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
             runs = _reconcile(client, exp_id, parent, driver.trials)
             table = results_table(spec, driver.trials, runs)
             _save_results(table, out_dir, client, parent)
-            unfinished = [t for t in driver.trials if t.status not in ("TERMINATED", "ERROR")]
-            status = "KILLED" if unfinished else "FINISHED"
-            if unfinished:
-                print(f"sweep {name!r} interrupted with {len(unfinished)} trials unfinished; "
+            if _interrupted(spec, driver.trials, timings["fit_end"] - timings["fit_start"]):
+                status = "KILLED"
+                print(f"sweep {name!r} was interrupted after {len(driver.trials)} of {spec.num_samples} trials; "
                       f"continue it with: carclf sweep {spec_path} --name {name} --resume", flush=True)
+            else:
+                status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
