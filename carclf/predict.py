@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,9 @@ def _decode(path: Path, size: int) -> np.ndarray:
     try:
         return decode_image(data, size)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        raise DataError(f"cannot decode {path}: {read_error(e)}") from None
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), which says nothing to a user
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", read_error(e))
+        raise DataError(f"cannot decode {path}: {reason}") from None
 
 
 def top_k_rows(paths: list[str], probs: np.ndarray, classes: list[str], k: int) -> list[dict]:
@@ -204,7 +207,7 @@ def predict_paths(model_uri: str, paths: Iterable[str | Path], *, top_k: int = 3
                 arrays.append(_decode(path, predictor.input_config.size))
                 good.append(str(path))
             except CarclfError as e:
-                log.warning("%s", e)
+                log.debug("%s", e)  # reported in the row; the CLI prints it
                 rows.append({"path": str(path), "error": str(e)})
         if arrays:
             rows += top_k_rows(good, predictor.probabilities(arrays), predictor.classes, top_k)
@@ -221,6 +224,7 @@ def write_csv(df: pd.DataFrame, out: str | Path) -> Path:
     os.close(fd)
     try:
         df.to_csv(tmp, index=False)
+        os.chmod(tmp, 0o644)  # as an ordinary new file would be, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -520,7 +520,7 @@ def render_html(*, info: SweepInfo, table: pd.DataFrame, mcnemar: pd.DataFrame, 
              f"({notes['n_boot']} resamples, the same images drawn for every seed, metric averaged over seeds). "
              "McNemar: exact test on the representative runs (the first seed), Holm-adjusted over all pairs.</p>"]
     if problems:
-        parts.append("<h2 class='warn'>Not reported</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in problems)
+        parts.append("<h2 class='warn'>Left out of the comparison</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in problems)
                      + "</ul>")
     parts += ["<h2>Comparison</h2>", _html_table(_with_intervals(table, info.metric))]
     for key, title in (("bars", "Test metrics per model"), ("confusion", "Test confusion matrices (summed over seeds)")):
@@ -529,7 +529,7 @@ def render_html(*, info: SweepInfo, table: pd.DataFrame, mcnemar: pd.DataFrame, 
     parts += ["<h2>Pairwise McNemar tests</h2>", _html_table(mcnemar),
               "<h2>Per-class test F1 (mean over seeds)</h2>", _html_table(per_class),
               "<h2>Most confused class pairs (counts summed over seeds)</h2>", _html_table(confused),
-              "<h2>Trials that did not finish</h2>", _html_table(not_finished),
+              "<h2>Trials not considered (stopped early, failed or unfinished)</h2>", _html_table(not_finished),
               "<h2>Runs</h2>", _html_table(table[["model", "trial_run_id", "representative_run_id"]]
                                            if not table.empty else table),
               f"<p class='note'>MLflow: report run {e(notes.get('report_run_id') or '')}, sweep parent run "
@@ -546,6 +546,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # a report is for sharing; mkstemp's private 0600 would surprise
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -600,9 +601,14 @@ def _problems(info: SweepInfo, trials: pd.DataFrame, best: pd.DataFrame, familie
         out.append(f"the sweep's parent run is {parent_status}: the sweep was interrupted or is still running; "
                    "this report covers the trials that finished")
     left = unfinished(trials, info.metric)
-    if len(left):
-        counts = left.groupby("status").size().to_dict()
-        out.append(f"{len(left)} of {len(trials)} trials did not finish with {info.metric} "
+    stopped = int((left["status"] == "STOPPED_EARLY").sum())
+    if stopped:
+        out.append(f"{stopped} of {len(trials)} trials were stopped early by the scheduler (a poor validation "
+                   "curve) and are not candidates")
+    other = left[left["status"] != "STOPPED_EARLY"]
+    if len(other):
+        counts = other.groupby("status").size().to_dict()
+        out.append(f"{len(other)} of {len(trials)} trials did not finish with {info.metric} "
                    f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); see the table below")
     for model in sorted(set(trials["model"]) - set(best["model"])) if len(trials) else []:
         out.append(f"{model}: no finished trial, not retested")

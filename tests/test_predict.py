@@ -35,6 +35,8 @@ def test_registered_model_predicts_what_evaluation_predicted(sweeps, uri, model)
     assert df["class_1"].tolist() == [rep.classes[i] for i in rep.pred]
     probs = df[["prob_1", "prob_2", "prob_3"]].to_numpy()
     assert (np.diff(probs, axis=1) <= 1e-12).all() and (probs.sum(axis=1) <= 1 + 1e-6).all()
+    single = predict_paths(f"models:/carclf-{model}@champion", paths[-1:], top_k=1)  # a batch of one works too
+    assert single["class_1"].tolist() == df["class_1"].tolist()[-1:]
 
 
 @pytest.mark.slow

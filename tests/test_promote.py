@@ -18,7 +18,7 @@ def _rep_f1(report, model="svm_rbf") -> float:
 
 @pytest.mark.slow
 def test_promote_sets_alias_refuses_worse_model_and_force_moves_it(sweeps, uri, capsys):
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     assert _rep_f1(sweeps.bad) < _rep_f1(sweeps.good)  # the fixture's premise
 
     first = {o.name: o for o in promote("good")}
@@ -52,7 +52,7 @@ def test_promote_again_reuses_the_version_and_only_one_family(sweeps, uri):
     promote("good", model="svm_rbf")
     [again] = promote("good", model="svm_rbf", alias="champion")
     assert not again.registered_new and not again.moved and again.reason == "already the holder"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     assert len(client.search_model_versions("name = 'carclf-svm_rbf'")) == 1
     assert client.search_registered_models("name = 'carclf-simple_cnn'") == []
 
@@ -65,7 +65,7 @@ def test_promote_unknown_family_names_the_retested_ones(sweeps, uri):
 
 @pytest.mark.slow
 def test_promote_before_report_says_to_run_report(sweeps, uri, tmp_path):
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name("carclf")
     parent = client.create_run(exp.experiment_id, tags={"carclf.role": "sweep", "carclf.sweep": "fresh"})
     client.set_terminated(parent.info.run_id)

@@ -247,7 +247,7 @@ def test_report_files_html_and_mlflow_run(sweeps):
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2
     assert len(re.findall(r"src='data:image/png;base64,", page)) == len(pngs)
-    assert "simple_cnn" in page and "not reported" in page.lower() and "FAILED" in page
+    assert "simple_cnn" in page and "Left out of the comparison" in page and "FAILED" in page
     run = client.get_run(report.report_run_id)
     parent_id = json.loads((sweeps.root / "results" / "good" / "sweep.json").read_text())["parent_run_id"]
     assert run.info.status == "FINISHED"
