@@ -266,3 +266,70 @@ def test_test_split_hash_ignores_paths_and_other_splits_but_not_labels():
     assert manifest_test_hash(moved) == manifest_test_hash(m)
     assert manifest_test_hash(m.assign(split=["test", "test", "test"])) != manifest_test_hash(m)
     assert manifest_test_hash(m.assign(**{"class": ["van", "van", "bus"]})) != manifest_test_hash(m)
+
+
+# --------------------------------------------------------------------------- partial and interrupted sweeps
+
+
+def _info(tmp_path):
+    return SweepInfo("quick", tmp_path, "parent", "carclf", "sqlite:///x.db", "val_f1_macro", "max")
+
+
+def test_problems_name_an_interrupted_sweep_stopped_failed_and_unretested_models(tmp_path):
+    from carclf.report import _problems
+
+    trials = _trials().assign(status=["FINISHED", "FINISHED", "FAILED", "FINISHED", "RUNNING", "STOPPED_EARLY"])
+    best = select_best(trials, "val_f1_macro", "max")
+    broken = _family("svm", 0.1, seeds=1)
+    broken.errors.append("seed 1: DataError: gone")
+    notes = _problems(_info(tmp_path), trials, best, [broken], parent_status="KILLED")
+    text = "\n".join(notes)
+    assert "parent run is KILLED" in text and "interrupted" in text
+    assert "1 of 6 trials were stopped early" in text
+    assert "2 of 6 trials did not finish with val_f1_macro (1 FAILED, 1 RUNNING)" in text
+    assert "alexnet: no finished trial, not retested" in text and "svm: retest failed (seed 1: DataError: gone)" in text
+
+
+def test_a_failed_retest_seed_is_recorded_and_the_others_go_on(monkeypatch, tmp_path):
+    import carclf.experiment
+    import carclf.report as report
+    from types import SimpleNamespace
+
+    from carclf.errors import DataError
+
+    def fake_run(cfg, **kw):
+        if cfg.seed == 1:
+            raise DataError("images vanished")
+        y = np.array([0, 1, 2, 0])
+        return SimpleNamespace(run_id=f"run-{cfg.seed}", config=cfg, y_test=y, pred_test=y, test_metrics={},
+                               val_metrics={}, train_seconds=1.0, infer_seconds_per_image=0.1, n_params=1,
+                               size_mb=0.1, classes=CLASSES)
+
+    monkeypatch.setattr(carclf.experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(report, "run_test_hash", lambda client, run_id: "h")
+    cfg = RunConfig(model={"name": "simple_cnn"})
+    fam = FamilyRetest("simple_cnn", "trial", "t", 0.5, cfg)
+    configs = report.seed_configs(cfg, 3, uri="sqlite:///x.db", experiment="carclf", model="simple_cnn")
+    assert [c.seed for c in configs] == [0, 1, 2] and {c.split.seed for c in configs} == {cfg.split.seed}
+    report.retest_family(fam, configs, client=None, report_run_id="r", info=_info(tmp_path))
+    assert [r.run_id for r in fam.runs] == ["run-0", "run-2"] and fam.representative.run_id == "run-0"
+    assert fam.errors == ["seed 1: DataError: images vanished"]
+
+
+def test_report_on_a_sweep_without_finished_trials_says_so(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from carclf.report import build_report
+    from tiny_sweep import write_sweep_json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
+    client = MlflowClient(uri)
+    exp = client.create_experiment("carclf", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"carclf.role": "sweep", "carclf.sweep": "empty"}).info.run_id
+    failed = client.create_run(exp, tags={"carclf.role": "trial", "carclf.sweep": "empty", "mlflow.parentRunId": parent,
+                                          "carclf.trial_id": "t0", "carclf.model": "svm"}).info.run_id
+    client.set_terminated(failed, "FAILED")
+    write_sweep_json(tmp_path, "empty", parent, uri)
+    with pytest.raises(SweepError, match=r"sweep 'empty': no finished trial with val_f1_macro \(1 trial runs found\)"):
+        build_report("empty", seeds=1)
