@@ -586,8 +586,10 @@ class ReportResult:
 
 def _start_report_run(client, info: SweepInfo, n_seeds: int) -> str:
     parent = parent_run(client, info)
+    # Linked by tag, not nested (mlflow.parentRunId): a resumed sweep treats every child of its parent
+    # run as a trial and deletes children it does not know.
     tags = {ROLE_TAG: "report", SWEEP_TAG: info.name, SWEEP_PARENT_TAG: info.parent_run_id,
-            "mlflow.parentRunId": info.parent_run_id, "mlflow.runName": f"report-{info.name}"}
+            "mlflow.runName": f"report-{info.name}"}
     run = client.create_run(parent.info.experiment_id, tags=tags)
     client.log_param(run.info.run_id, "seeds", n_seeds)
     client.log_param(run.info.run_id, "metric", info.metric)
