@@ -553,21 +553,26 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _write_value(value: Any, target: str, suffix: str) -> None:
+    if isinstance(value, pd.DataFrame):
+        if suffix == ".parquet":
+            value.to_parquet(target, index=False)
+        else:
+            value.to_csv(target, index=False)
+    elif isinstance(value, bytes):
+        Path(target).write_bytes(value)
+    elif isinstance(value, str):
+        Path(target).write_text(value, encoding="utf-8")
+    else:
+        Path(target).write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+
+
 def write_outputs(out_dir: Path, outputs: dict[str, Any]) -> dict[str, Path]:
-    """Every report file, each written atomically; returns name -> path."""
+    """Every report file (tables, PNG bytes, HTML, JSON), each written atomically; returns name -> path."""
     written = {}
     for key, value in outputs.items():
         path = out_dir / REPORT_FILES[key]
-        if isinstance(value, pd.DataFrame):
-            writer = (lambda t, v=value: v.to_parquet(t, index=False)) if path.suffix == ".parquet" \
-                else (lambda t, v=value: v.to_csv(t, index=False))
-        elif isinstance(value, bytes):
-            writer = lambda t, v=value: Path(t).write_bytes(v)  # noqa: E731
-        elif isinstance(value, str):
-            writer = lambda t, v=value: Path(t).write_text(v, encoding="utf-8")  # noqa: E731
-        else:
-            writer = lambda t, v=value: Path(t).write_text(json.dumps(v, indent=2, default=str), encoding="utf-8")  # noqa: E731
-        _atomic_write(path, writer)
+        _atomic_write(path, lambda tmp, v=value, suffix=path.suffix: _write_value(v, tmp, suffix))
         written[key] = path
     return written
 
@@ -643,7 +648,17 @@ def build_report(sweep: str | Path, *, seeds: int = 3, out: str | Path | None = 
     return result
 
 
+def _check_trials_share_test_split(client, best: pd.DataFrame) -> None:
+    """Fail before any retraining if the chosen trials were tested on different images."""
+    hashes = {row["model"]: run_test_hash(client, row["run_id"]) for _, row in best.iterrows()}
+    if len(set(hashes.values())) > 1:
+        shown = ", ".join(f"{m}: {h[:12]}" for m, h in sorted(hashes.items()))
+        raise SweepError(f"the chosen trials were tested on different images ({shown}); "
+                         "models can only be compared on one test split")
+
+
 def _report_body(client, info, trials, best, report_run_id, seeds, out_dir, n_boot, progress) -> ReportResult:
+    _check_trials_share_test_split(client, best)
     families = []
     for _, trial in best.iterrows():
         cfg = trial_config(client, trial["run_id"])

@@ -1,15 +1,14 @@
 """Predict: registered models round-trip and agree with evaluation; folders, bad files and CSV output."""
 
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from carclf.errors import TrackingError, WeightsError
 from carclf.cli import main
+from carclf.errors import TrackingError, WeightsError
 from carclf.predict import _backbone, collect_images, predict_paths, top_k_rows
 from carclf.promote import promote
 from carclf.report import MANIFEST_ARTIFACT
