@@ -95,14 +95,22 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
 
 
 def _epoch_logger(on_epoch: EpochCallback | None) -> EpochCallback:
-    """Log each epoch's row to MLflow (step = epoch), then hand it to the caller's callback."""
+    """Log each epoch's row to MLflow as `epoch_<key>` (step = epoch), then hand it to the caller's callback.
+
+    The prefix keeps the curves apart from the final val_*/test_* metrics: MLflow shows a metric's
+    value at its highest step, which would otherwise be the last epoch's, not the best one's.
+    """
 
     def step(epoch: int, row: dict) -> None:
-        tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        tracking.log_metrics({_epoch_name(k): v for k, v in row.items() if k != "epoch"}, step=epoch)
         if on_epoch is not None:
             on_epoch(epoch, row)
 
     return step
+
+
+def _epoch_name(key: str) -> str:
+    return key if key.startswith("epoch_") else f"epoch_{key}"
 
 
 def _log_data(data, cache_dir) -> None:
@@ -266,7 +274,7 @@ def _evaluate_and_log(cfg: RunConfig, data, out: _Outcome, run_id: str, *, log_m
     tracking.log_metrics(final)
     confusion_val = _log_split_report("val", out.val, data.classes)
     confusion_test = _log_split_report("test", out.test, data.classes) if out.test is not None else None
-    _log_history(out.history)
+    _log_history(out.history, curves=not cfg.is_svm)
     if log_model:
         _log_model(cfg, out)
     return ExperimentResult(
@@ -292,11 +300,11 @@ def _log_split_report(split: str, output, classes: list[str]) -> np.ndarray:
     return counts
 
 
-def _log_history(history: list[dict]) -> None:
+def _log_history(history: list[dict], *, curves: bool) -> None:
     from carclf.figures import training_curves_figure
 
     tracking.log_dataframe(pd.DataFrame(history), "history.csv")
-    if len(history) > 1:
+    if curves:  # the SVM has a single 'epoch': no curve to draw
         tracking.log_figure(training_curves_figure(history), "figures/training_curves.png")
 
 

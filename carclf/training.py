@@ -10,7 +10,7 @@ leaves the model holding the best epoch's weights.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import random
 import time
@@ -104,7 +104,9 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device)
 
 def _autocast(device: torch.device, amp: bool):
     # Mixed precision only on CUDA: CPU autocast (bfloat16) is slower than float32 on most CPUs.
-    return torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,

@@ -65,9 +65,10 @@ def test_network_run_is_fully_tracked_and_its_model_predicts_the_same(demo_dir, 
     result = run_experiment(cfg, on_epoch=lambda e, m: epochs.append((e, m["val_f1_macro"])))
     run = check_run(result, cfg, "network", run_artifacts)
     assert [e for e, _ in epochs] == [1, 2] and "figures/training_curves.png" in run_artifacts(result.run_id)
-    history = MlflowClient().get_metric_history(result.run_id, "val_f1_macro")
-    assert [(m.step, m.value) for m in history if m.step > 0] == epochs
-    assert run.data.metrics["best_epoch"] in (1, 2)
+    history = MlflowClient().get_metric_history(result.run_id, "epoch_val_f1_macro")
+    assert [(m.step, m.value) for m in history] == epochs
+    best = int(run.data.metrics["best_epoch"])
+    assert run.data.metrics["val_f1_macro"] == pytest.approx(dict(epochs)[best]) == max(v for _, v in epochs)
 
     info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
     assert info.metadata["classes"] == result.classes and info.metadata["input_config"]["size"] == 32
@@ -151,7 +152,7 @@ def test_cli_train_prints_metrics_and_the_run_id(demo_dir, tracked, tmp_path, ca
     assert "f1_macro" in out
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # MobileNetV2 features of 1,109 photos at 320 px: about 2 minutes on 2 free cores
 @pytest.mark.real_data
 def test_svm_on_imagenet_mobilenet_features_reaches_085_macro_f1_on_real_photos(real_data_dir, tracked):
     from carclf.models import mobilenet_v2_weights_file
