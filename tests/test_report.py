@@ -334,3 +334,19 @@ def test_report_on_a_sweep_without_finished_trials_says_so(tmp_path, monkeypatch
     write_sweep_json(tmp_path, "empty", parent, uri)
     with pytest.raises(SweepError, match=r"sweep 'empty': no finished trial with val_f1_macro \(1 trial runs found\)"):
         build_report("empty", seeds=1)
+
+
+def test_trial_config_falls_back_to_params_when_config_yaml_is_missing(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from carclf.config import flatten
+    from carclf.report import trial_config
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("carclf", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    cfg = RunConfig(model={"name": "svm"}, svm={"C": 3.5, "gamma": 0.01}, data={"classes": ["bus", "van"]},
+                    train={"lr": 0.02}, seed=7)
+    for key, value in flatten(cfg.to_dict()).items():  # as tracking.log_params logs them: str(value)
+        client.log_param(run_id, key, str(value))
+    assert trial_config(client, run_id) == cfg
