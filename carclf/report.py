@@ -165,8 +165,9 @@ def family_of(tags: dict, params: dict | None = None) -> str:
 def final_metric(client, run_id: str, key: str) -> float:
     """The value a run logged last for `key`.
 
-    run_experiment logs per-epoch values at step=epoch and the final evaluation (the restored best
-    epoch) at step 0 afterwards; MLflow's 'latest' value is the highest step's, i.e. the last epoch's.
+    Runs from before per-epoch curves moved to `epoch_*` keys logged epochs under the same key at
+    step=epoch and the final evaluation (the restored best epoch) at step 0 afterwards; MLflow's
+    'latest' value is the highest step's, i.e. the last epoch's, not the final one.
     """
     history = client.get_metric_history(run_id, key)
     if not history:
