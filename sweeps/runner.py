@@ -357,29 +357,31 @@ class SweepProgress(tune.Callback):
         result = trial.last_result or {}
         value = result.get(d.metric)
         params = _short_params(d.spec, trial.config)
+        metrics: dict[str, float] = {}
+        tags: dict[str, str] = {}
         if failed or value is None:
             d.failed += 1
             line = f"[{trial.trial_id}] {trial.config.get('model')} {params} -> failed"
         else:
             d.finished += 1
-            better = d.best is None or (value > d.best if d.mode == "max" else value < d.best)
-            if better:
+            if d.best is None or (value > d.best if d.mode == "max" else value < d.best):
                 d.best = value
-                self._log_best(d, trial, value)
+                metrics[f"best_{d.metric}"] = value
+                tags = {"carclf.best_trial_id": trial.trial_id, "carclf.best_model": str(trial.config.get("model"))}
             line = f"[{trial.trial_id}] {trial.config.get('model')} {params} -> {d.metric} {value:.4f} (best {d.best:.4f})"
         d.lines.append(line)
         print(line, flush=True)
-        with contextlib.suppress(Exception):
-            d.client.log_batch(d.parent_run_id, metrics=_metrics(
-                {"trials_finished": d.finished, "trials_failed": d.failed}, step=d.finished + d.failed))
+        metrics.update(trials_finished=d.finished, trials_failed=d.failed)
+        self._log(d, metrics, tags)
 
     @staticmethod
-    def _log_best(d: _Driver, trial, value: float) -> None:
+    def _log(d: _Driver, metrics: dict, tags: dict) -> None:
+        """One request per finished trial: this runs in Tune's event loop."""
+        from mlflow.entities import RunTag
+
         try:
-            step = d.finished + d.failed
-            d.client.log_metric(d.parent_run_id, f"best_{d.metric}", value, step=step)
-            d.client.set_tag(d.parent_run_id, "carclf.best_trial_id", trial.trial_id)
-            d.client.set_tag(d.parent_run_id, "carclf.best_model", str(trial.config.get("model")))
+            d.client.log_batch(d.parent_run_id, metrics=_metrics(metrics, step=d.finished + d.failed),
+                               tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception as e:  # the sweep goes on even if the parent cannot be updated
             log.warning("could not log the running best to the parent run: %s", e)
 
