@@ -10,6 +10,7 @@ A parameter is a constant (`epochs: 3`), a list of choices (`{choices: [16, 32]}
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
@@ -251,9 +252,9 @@ class SweepSpec(_Strict):
 
     def base_config(self, key: str) -> dict[str, Any]:
         """The RunConfig dict of model `key` before sampling: base, the model's overrides, seed and name."""
-        cfg = deep_merge(self.base, self.models[key].config)
-        cfg = deep_merge(cfg, {"model": {"name": self.model_name(key)}, "seed": self.seeds.run})
-        return cfg
+        # A deep copy: deep_merge shares untouched sections with `base`, and callers set fields in place.
+        cfg = deep_merge(copy.deepcopy(self.base), copy.deepcopy(self.models[key].config))
+        return deep_merge(cfg, {"model": {"name": self.model_name(key)}, "seed": self.seeds.run})
 
     def max_epochs(self) -> int:
         """The most epochs a network trial can run: ASHA's max_t unless the file sets it."""

@@ -116,6 +116,18 @@ def test_space_is_conditional_on_the_model():
     assert len(seen) == 3  # cnn, linear SVM, RBF SVM all drawn
 
 
+def test_one_trials_parameters_never_leak_into_the_next():
+    spec = validate_sweep_spec(_minimal(base={"data": {"image_size": 32}, "augment": {"strength": 0.0}},
+                                        space={"augment_strength": {"choices": [0.0, 0.3]}},
+                                        models={"simple_cnn": {"space": {"epochs": 2}},
+                                                "svm": {"space": {"augment_strength": 0.0}}}))
+    before = spec.model_dump()
+    spec.run_config({"model": "simple_cnn", "simple_cnn.augment_strength": 0.3, "simple_cnn.lr": 0.05})
+    svm = spec.run_config({"model": "svm", "svm.C": 1.0, "svm.kernel": "rbf", "svm.augment_strength": 0.0})
+    assert svm.augment.strength == 0.0 and svm.train.lr != 0.05
+    assert spec.model_dump() == before
+
+
 def test_seeded_sampler_proposes_the_same_trials():
     import optuna
 
@@ -259,8 +271,10 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, tracked, demo_dir
 def test_four_concurrent_trials_log_through_the_server(tmp_path, tracked, demo_dir, ray_local):
     from sweeps.runner import run_sweep
 
-    models = {"svm_linear": {"model": "svm", "resources": {"cpu": 0.5}, "space": {"kernel": "linear"}},
-              "simple_cnn": {"resources": {"cpu": 0.5}, "space": {"epochs": 2}}}
+    # Networks only: SVM trials sharing a feature key would (rightly) wait for the first to fill the cache.
+    models = {"simple_cnn": {"resources": {"cpu": 0.5}, "space": {"epochs": 2}},
+              "cnn_fast": {"model": "simple_cnn", "resources": {"cpu": 0.5},
+                           "space": {"epochs": 2, "lr": {"choices": [0.005, 0.01]}}}}
     path = _sweep_file(tmp_path / "s.yaml", demo_dir, models=models, num_samples=4, max_concurrent_trials=4)
     table = run_sweep(path, name="four", tracking_uri=tracked)
     runs = _children(tracked, table.attrs["parent_run_id"])
