@@ -199,8 +199,8 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
     t0 = time.perf_counter()
     pipeline.fit(sets["train"].features, sets["train"].labels)
     fit_seconds = time.perf_counter() - t0
-    val = _svm_predict(pipeline, sets["val"])
-    test = _svm_predict(pipeline, sets["test"]) if evaluate_test else None
+    val = _svm_predict(pipeline, sets["val"], n)
+    test = _svm_predict(pipeline, sets["test"], n) if evaluate_test else None
     val_metrics = classification_metrics(val.y_true, val.y_pred, scores=val.probs, n_classes=n)
     row = {"epoch": 1, "train_accuracy": float((pipeline.predict(sets["train"].features)
                                                  == sets["train"].labels).mean()),
@@ -220,12 +220,12 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
                                    "n_train_features": len(sets["train"].labels)})
 
 
-def _svm_predict(pipeline, fs):
+def _svm_predict(pipeline, fs, n_classes: int):
     from carclf.training import EvalOutput
 
     probs = pipeline.predict_proba(fs.features)
     classes = pipeline.classes_
-    full = np.zeros((len(probs), int(max(classes.max() + 1, fs.labels.max() + 1))), dtype=np.float64)
+    full = np.zeros((len(probs), n_classes), dtype=np.float64)
     full[:, classes] = probs  # a class absent from the train features keeps probability 0
     return EvalOutput(y_true=fs.labels, y_pred=classes[probs.argmax(1)], probs=full)
 
