@@ -78,7 +78,9 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            table = pq.read_table(path)
+            # One open file: metadata and rows come from the same entry even if a writer replaces it meanwhile.
+            with open(path, "rb") as f:
+                table = pq.read_table(f)
             dim = table.schema.field("features").type.list_size
             flat = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             meta = json.loads(table.schema.metadata[_META_KEY])
