@@ -142,7 +142,7 @@ def _mark_stopped(client, run_id: str | None, epochs: int) -> None:
 def _trial_runs(client, experiment_id: str, parent_run_id: str, trial_id: str | None = None):
     from mlflow.entities import ViewType
 
-    filt = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    filt = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'trial'"
     if trial_id is not None:
         filt += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
     return client.search_runs([experiment_id], filter_string=filt, run_view_type=ViewType.ACTIVE_ONLY,
