@@ -816,6 +816,7 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
     timings["end"] = time.perf_counter()
     table.attrs["timings"] = {k: v - timings["start"] for k, v in timings.items() if k != "start"}
     table.attrs["parent_run_id"] = parent
+    table.attrs["status"] = status  # FINISHED, or KILLED when interrupted (resume with --resume)
     table.attrs["out_dir"] = str(out_dir)
     return table
 
@@ -850,4 +851,4 @@ def cli_sweep(args) -> int:
     print(_show(table, spec.metric) if not table.empty else "no trials ran")
     out = table.attrs.get("out_dir")
     print(f"\nresults: {out}/results.csv  (parent MLflow run {table.attrs.get('parent_run_id')})")
-    return 0
+    return 130 if table.attrs.get("status") == "KILLED" else 0
