@@ -196,6 +196,14 @@ class TrackingServer:
         self.stop()
 
 
+def _client_url(server: TrackingServer) -> str:
+    """The URL other machines use: a server bound to every interface is reached by this host's name."""
+    if server.host in ("0.0.0.0", "::"):
+        name = socket.getfqdn()
+        return f"http://{socket.gethostname() if name.startswith('localhost') else name}:{server.port}"
+    return server.url
+
+
 def cli_server(args) -> int:
     """`carclf server`: serve the project's database in the foreground until Ctrl-C."""
     backend = args.backend_store_uri or paths.default_tracking_uri()
@@ -204,7 +212,7 @@ def cli_server(args) -> int:
     with server:
         print(f"MLflow tracking server: {server.url}  (backend {server.backend_store_uri}, "
               f"artifacts {server.artifacts_destination})")
-        print(f"export MLFLOW_TRACKING_URI={server.url}")
+        print(f"export MLFLOW_TRACKING_URI={_client_url(server)}")
         print("Ctrl-C stops it.")
         try:
             while server.running:

@@ -225,7 +225,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     network = ctx.spec.is_network(label)
     reporter = _EpochReporter(label, network, cfg.train.epochs if network else 1)
     tags = {SWEEP_TAG: ctx.sweep, ROLE_TAG: "trial", TRIAL_TAG: trial_id, MODEL_TAG: cfg.model.name,
-            "carclf.sweep_model": label}
+            "carclf.sweep_model": label, "carclf.node_id": ray.get_runtime_context().get_node_id()}
     fn = ctx.experiment_fn
     if fn is None:
         from carclf.experiment import run_experiment as fn
@@ -408,10 +408,28 @@ def _absolute(path: str | Path, field_name: str, must_exist: bool) -> Path:
     return found.resolve()
 
 
-def _path_overrides(spec: SweepSpec) -> dict:
-    """Absolute data and cache paths (and weights files) for every trial: one shared cache per sweep."""
-    base = spec.base
-    data = base.get("data", {})
+def _storage(storage_path: str | None, out_dir: Path) -> str:
+    """Ray's storage: URIs (s3://, gs://, ...) as given, local paths made absolute, default under results/."""
+    if not storage_path:
+        return str(out_dir / "ray")
+    if "://" in storage_path:
+        return storage_path
+    return str(_absolute(storage_path, "--storage-path", False))
+
+
+def _path_overrides(spec: SweepSpec, address: str | None = None) -> dict:
+    """Absolute data and cache paths (and weights files) for every trial: one shared cache per sweep.
+
+    Through a Ray client (ray://) the driver may not see the data at all: the paths must then be
+    absolute as the cluster sees them, and the per-node check in sweeps.cluster tests them there.
+    """
+    data = spec.base.get("data", {})
+    if address and address.startswith("ray://"):
+        for key in ("path", "cache_dir"):
+            if not Path(str(data.get(key, ""))).is_absolute():
+                raise SweepError(f"base.data.{key} must be an absolute path readable on every node when the "
+                                 f"sweep runs through a Ray client ({address}); got {data.get(key)!r}")
+        return {"data": {"path": str(data["path"]), "cache_dir": str(data["cache_dir"])}}
     cache = _absolute(data["cache_dir"], "base.data.cache_dir", False) if data.get("cache_dir") else paths.cache_root()
     return {"data": {"path": str(_absolute(data.get("path", "demo_data"), "base.data.path", True)),
                      "cache_dir": str(cache)}}
@@ -753,16 +771,15 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
     name = name or spec.name or spec_path.stem
     out_dir = paths.results_root() / name
     text, state = _prepare(spec_path, spec, name, out_dir, resume)
-    overrides = _path_overrides(spec)
+    overrides = _path_overrides(spec, address)
     uri = state["tracking_uri"] if state else _tracking_uri(spec, tracking_uri)
-    storage = state["storage_path"] if state else str(_absolute(storage_path, "--storage-path", False)
-                                                       if storage_path else out_dir / "ray")
+    storage = state["storage_path"] if state else _storage(storage_path, out_dir)
     uri, storage = _cluster_settings(address, uri, storage, spec, overrides)
     experiment = state["experiment"] if state else spec.base.get("tracking", {}).get("experiment", "carclf")
     from carclf.tracking import ensure_experiment
 
     ensure_experiment(experiment, uri)  # database and experiment created once, here, before any trial
-    if spec.warm_cache:
+    if spec.warm_cache and not (address or "").startswith("ray://"):  # a Ray client may not see the data
         warm_decode_cache(spec, overrides)
     timings: dict[str, float] = {"start": time.perf_counter()}
     with _tracking_endpoint(spec, uri) as trial_uri:
