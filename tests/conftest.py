@@ -125,6 +125,8 @@ def tracked(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_tracking_uri (which carclf calls) outranks the variable: forget an earlier test's URI.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setattr(tracking, "_experiment_ids", {})  # experiment ids are memoised per URI and process
     yield uri
     while mlflow.active_run() is not None:
