@@ -209,17 +209,17 @@ def cli_server(args) -> int:
     backend = args.backend_store_uri or paths.default_tracking_uri()
     server = TrackingServer(backend, host=args.host, port=args.port,
                             artifacts_destination=args.artifacts_destination, allowed_hosts=args.allowed_hosts)
-    with server:
-        print(f"MLflow tracking server: {server.url}  (backend {server.backend_store_uri}, "
-              f"artifacts {server.artifacts_destination})")
-        print(f"export MLFLOW_TRACKING_URI={_client_url(server)}")
-        print("Ctrl-C stops it.")
-        try:
+    try:  # Ctrl-C at any point after the start, even before the loop below, is the normal way out
+        with server:
+            print(f"MLflow tracking server: {server.url}  (backend {server.backend_store_uri}, "
+                  f"artifacts {server.artifacts_destination})")
+            print(f"export MLFLOW_TRACKING_URI={_client_url(server)}")
+            print("Ctrl-C stops it.", flush=True)
             while server.running:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            print("stopping the MLflow server")
-            return 0
-        tail = server._output_tail()
+            tail = server._output_tail()
+    except KeyboardInterrupt:
+        print("stopping the MLflow server")
+        return 0
     print(f"the MLflow server exited:\n{tail}", file=sys.stderr)
     return 1
