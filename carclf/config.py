@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from carclf.errors import CarclfError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from carclf.errors import CarclfError
 
 
 class ConfigError(CarclfError, ValueError):
@@ -30,7 +31,7 @@ class DataConfig(_Frozen):
     classes: list[str] | None = None  # a named list; None keeps all (or the top_k)
     top_k: int | None = Field(default=None, ge=1)  # keep the K most frequent classes (the study kept 10)
     min_images: int = Field(default=5, ge=1)  # classes with fewer images are left out, with a warning
-    image_size: int = Field(default=224, ge=16, le=1024)  # overridden by the model's input config when None-able
+    image_size: int = Field(default=224, ge=16, le=1024)  # the side images are resized to (square)
     cache_dir: Path | None = None  # decode and feature caches; None means carclf.paths.cache_root()
 
 
