@@ -137,24 +137,12 @@ def _maybe_tqdm(iterable, progress: bool, desc: str):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-_weights_ids: dict[tuple[str, str, float, int], str | None] = {}
-
-
 def weights_id(name: str, weights: str, *, seed: int) -> str:
     """What identifies the backbone's numbers: the weights file's sha256, or the seed of a random init."""
-    if weights == "none":
-        # Random init depends on the torch seed, which is the run seed.
-        return f"random-seed{seed}"
-    path = Path(weights)
-    stamp = (path.stat().st_mtime, path.stat().st_size) if path.is_file() else (0.0, 0)
-    memo = (name, weights, *stamp)
-    if memo not in _weights_ids:
-        from carclf.models import resolve_weights
+    from carclf.models import weights_sha256
 
-        _, sha = resolve_weights(name, weights)
-        _weights_ids[memo] = sha
-    # No file behind the name (a from-scratch network's 'imagenet'): random init, seeded by the run.
-    return _weights_ids[memo] or f"random-seed{seed}"
+    # No file behind the name ('none', or a from-scratch network's 'imagenet'): random init, seeded by the run.
+    return weights_sha256(name, weights) or f"random-seed{seed}"
 
 
 def feature_key(cfg: RunConfig, data, split: str, *, weights_sha: str) -> dict:

@@ -165,13 +165,19 @@ def _load_state_dict_file(path: Path) -> dict:
     return dict(state)
 
 
+def _imagenet_file(arch: Architecture) -> Path:
+    """Where the ImageNet file is: torch's hub cache, else a pip-installed copy; the cache path if neither."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / arch.imagenet.url.rsplit("/", 1)[-1]
+    if not path.is_file() and arch.offline_file is not None:
+        path = arch.offline_file() or path
+    return path
+
+
 def _imagenet_weights(name: str, arch: Architecture) -> tuple[dict, str]:
     url = arch.imagenet.url
     file_name = url.rsplit("/", 1)[-1]
     folder = Path(torch.hub.get_dir()) / "checkpoints"
-    path = folder / file_name
-    if not path.is_file() and arch.offline_file is not None:
-        path = arch.offline_file() or path
+    path = _imagenet_file(arch)
     if path.is_file():
         return _load_state_dict_file(path), file_sha256(path)
     try:
@@ -202,6 +208,27 @@ def resolve_weights(name: str, weights: str | Path | None) -> tuple[dict | None,
         return _imagenet_weights(name, arch)
     path = Path(weights).expanduser()
     return _load_state_dict_file(path), file_sha256(path)
+
+
+def weights_sha256(name: str, weights: str | Path | None) -> str | None:
+    """The sha256 that resolve_weights would give, without loading the tensors when the file is on disk.
+
+    Cache keys and predict's check need only the hash; loading VGG16's 528 MB file for it is waste.
+    """
+    path = _weights_file(name, weights)
+    if path is not None and path.is_file():
+        return file_sha256(path)
+    return resolve_weights(name, weights)[1]  # 'none', a download, or the error that names the missing file
+
+
+def _weights_file(name: str, weights: str | Path | None) -> Path | None:
+    """The file behind `weights` for a network, if there is one ('none' and from-scratch 'imagenet': None)."""
+    if weights is None or not is_network(name) or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        arch = _architecture(name)
+        return None if arch.imagenet is None else _imagenet_file(arch)
+    return Path(weights).expanduser()
 
 
 def _linear_head(model: nn.Module, arch: Architecture) -> nn.Linear:

@@ -126,7 +126,7 @@ def _load_flavor(model_uri: str, flavor: str):
 
 def _backbone(meta: dict, ic) -> Any:
     """Rebuild the SVM's feature extractor as training did; a different weights file is refused."""
-    from carclf.models import build_backbone, resolve_weights
+    from carclf.models import build_backbone, weights_sha256
     from carclf.training import seed_everything
 
     name, weights, recorded = meta["backbone"], meta["backbone_weights"], str(meta.get("backbone_sha256") or "")
@@ -134,7 +134,7 @@ def _backbone(meta: dict, ic) -> Any:
         # A random init is reproducible only from the same seed, as the feature extraction seeded it.
         seed_everything(int(recorded[len(_RANDOM_PREFIX):]))
     else:
-        _, sha = resolve_weights(name, weights)
+        sha = weights_sha256(name, weights)
         if recorded and sha != recorded:
             raise WeightsError(f"backbone weights {weights!r} for {name} have sha256 {str(sha)[:12]}..., but the SVM "
                                f"was trained on features from {recorded[:12]}...; provide the same weights file")
