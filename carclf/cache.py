@@ -189,10 +189,6 @@ class DecodeCache:
     def __repr__(self) -> str:
         return f"DecodeCache(root={str(self.root)!r}, image_size={self.image_size})"
 
-    @property
-    def index_path(self) -> Path:
-        return self.root / INDEX_NAME
-
     def entry_path(self, sha256: str) -> Path:
         return Path(self._entry_str(sha256))
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -183,7 +183,6 @@ class FitResult:
     val_output: EvalOutput  # validation predictions of the best epoch
     stopped_early: bool
     seconds: float
-    extra: dict = field(default_factory=dict)
 
 
 def make_loss(*, label_smoothing: float, class_weights=None, device: torch.device) -> nn.Module:
