@@ -1,6 +1,6 @@
-"""Register the retested models of a sweep and move an alias to a version only when it is better.
+"""Register the retested models of a sweep, mark the report's winner, and move an alias only to a better model.
 
-    carclf promote quickstart                       # every family in the latest report
+    carclf promote quickstart                       # every family in the latest report, and the winner
     carclf promote quickstart --model svm --force   # move carclf-svm@champion regardless
 
 One registered model per family (`carclf-svm`, `carclf-vgg16`, ...). A family is the sweep's
@@ -8,8 +8,14 @@ model entry: a sweep with `svm_linear` and `svm_rbf` entries registers `carclf-s
 `carclf-svm_rbf`. The registered version is the family's representative retest run from the
 latest finished `carclf report` of the sweep. The alias (default `champion`; aliases, not the
 deprecated stages) moves to it only if it beats the current holder on the same test split
-(equal test-manifest hashes) by the test counterpart of the sweep's selection metric;
-`--force` moves it anyway.
+(equal test-manifest hashes) by the test counterpart of the sweep's selection metric (the first
+objective of a multi-objective sweep), or by another figure the versions carry (`--metric`, e.g.
+`infer_ms_per_img` or `size_mb`, lower is better); `--force` moves it anyway.
+
+The family the report names the winner is also registered as a version of `carclf-best`, whose
+alias follows the same rule: `models:/carclf-best@champion` is the best model promoted so far,
+whatever its family. The figure compared is the registered model's own test figure (the trial's
+seed); the report's mean over seeds is printed beside it and kept as a version tag.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ from carclf.report import (MODEL_TAG, REPRESENTATIVE_TAG, ROLE_TAG, SOURCE_TRIAL
 log = logging.getLogger(__name__)
 
 REGISTERED_PREFIX = "carclf-"
+BEST_MODEL = "carclf-best"  # the report's winner, whatever its family
 TAG_PREFIX = "carclf."
-# Test figures copied onto each version, so the registry alone can compare versions.
-VERSION_METRICS = ("test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro")
+# Figures copied onto each version, so the registry alone can compare versions: test metrics (higher is
+# better) and costs (lower is better: inference per image on the validation split, model size).
+VERSION_METRICS = ("test_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro", "infer_ms_per_img",
+                   "size_mb")
+COST_METRICS = ("infer_ms_per_img", "size_mb")
 
 
 def registered_name(model: str) -> str:
@@ -38,6 +48,15 @@ def registered_name(model: str) -> str:
 def matching_test_metric(metric: str) -> str:
     """The test figure that matches a validation selection metric: val_f1_macro -> test_f1_macro."""
     return "test_" + metric[len("val_"):] if metric.startswith("val_") else f"test_{metric}"
+
+
+def comparison(info: SweepInfo, metric: str | None) -> tuple[str, str]:
+    """(figure, mode) that decides between versions: the sweep's selection metric on the test split by default."""
+    if metric is None:
+        return matching_test_metric(info.metric), info.mode
+    if metric not in VERSION_METRICS:
+        raise SweepError(f"--metric {metric!r}: versions carry {', '.join(VERSION_METRICS)}")
+    return metric, "min" if metric in COST_METRICS else "max"
 
 
 def latest_report_run(client, info: SweepInfo):
@@ -87,18 +106,30 @@ def version_tags(info: SweepInfo, run, report_run, client) -> dict[str, str]:
     return tags
 
 
-def register(client, uri: str, run, tags: dict[str, str]):
-    """The registry version for the run's model: reused if this run is registered already, else new."""
-    import mlflow
-
-    name = registered_name(family_of(run.data.tags))
+def register(client, uri: str, run, tags: dict[str, str], name: str | None = None):
+    """The registry version for the run's model under `name` (default: its family's registered model):
+    reused if this run is registered there already, else new. `uri` is the registry's store (the client's)."""
+    name = name or registered_name(family_of(run.data.tags))
     existing = [v for v in _versions(client, name) if v.run_id == run.info.run_id]
     if existing:
         return existing[0], False
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    version = mlflow.register_model(logged_model_uri(client, run.info.run_id), name, tags=tags)
+    _ensure_registered_model(client, name)
+    source = logged_model_uri(client, run.info.run_id)
+    version = client.create_model_version(name, source, run_id=run.info.run_id, tags=tags,
+                                          model_id=source[len("models:/"):])
     return client.get_model_version(name, version.version), True
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    what = ("the model a carclf report named the winner, whatever its family; @champion follows the best"
+            if name == BEST_MODEL else f"carclf model family {name[len(REGISTERED_PREFIX):]}")
+    try:
+        client.create_registered_model(name, description=f"{what} (registered by `carclf promote`)")
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
 
 
 def logged_model_uri(client, run_id: str) -> str:
@@ -135,17 +166,23 @@ class PromoteOutcome:
     registered_new: bool
     alias: str
     moved: bool
-    new_value: float
+    new_value: float  # the registered model's own test figure (the trial's seed): what the alias rule compares
     old_version: str | None
     old_value: float | None
     reason: str
+    seed_mean: float | None = None  # the report's mean of the same figure over its seeds
+    seeds: int | None = None
+    family: str | None = None  # for carclf-best: the winning family
 
     def line(self, metric: str) -> str:
+        mean = (f"; mean over {self.seeds} seeds in the report {_show(self.seed_mean)}"
+                if self.seed_mean is not None and not math.isnan(self.seed_mean) else "")
+        what = f" = the report's winner, {self.family}" if self.family else ""
         old = (f"{self.alias} was v{self.old_version} ({metric} {_show(self.old_value)})"
                if self.old_version else f"no {self.alias} yet")
         verb = "alias moved" if self.moved else "alias kept"
-        return (f"{self.name} v{self.version} ({metric} {_show(self.new_value)}); {old}: {verb} "
-                f"({self.reason})")
+        return (f"{self.name} v{self.version}{what}: {metric} {_show(self.new_value)} (this model{mean}); "
+                f"{old}: {verb} ({self.reason})")
 
 
 def _show(value: float | None) -> str:
@@ -182,38 +219,79 @@ def decide(new, old, *, metric: str, mode: str, force: bool) -> tuple[bool, str]
         (False, "not better on the same test split; use --force to move it anyway")
 
 
-def promote(sweep: str, *, model: str | None = None, alias: str = "champion", force: bool = False) -> list[PromoteOutcome]:
-    """Register each retested family of the sweep's latest report and move `alias` where it is earned."""
+def promote(sweep: str, *, model: str | None = None, alias: str = "champion", force: bool = False,
+            metric: str | None = None) -> list[PromoteOutcome]:
+    """Register each retested family of the sweep's latest report, and the report's winner as a version of
+    carclf-best; move `alias` where it is earned.
+
+    `metric`: the figure that decides (one of VERSION_METRICS); default the sweep's first objective on test.
+    """
     if not alias or (alias.lower().startswith("v") and alias[1:].isdigit()) or alias.lower() == "latest":
         raise SweepError(f"alias {alias!r} is reserved by MLflow (v<number>, latest); pick another name")
     info = resolve_sweep(sweep)
     client, uri = sweep_client(info), sweep_uri(info)
+    metric, mode = comparison(info, metric)
     report_run = latest_report_run(client, info)
-    metric = matching_test_metric(info.metric)
+    best = report_winner(report_run, info)
     outcomes = []
     for run in representative_runs(client, report_run, model):
-        try:
-            version, is_new = register(client, uri, run, version_tags(info, run, report_run, client))
-        except Exception as e:  # noqa: BLE001 - MLflow raises many types; the message names the run
-            raise TrackingError(f"cannot register the model of run {run.info.run_id}: {e}") from e
-        old = current_holder(client, version.name, alias)
-        move, reason = decide(version, old, metric=metric, mode=info.mode, force=force)
-        if move:
-            client.set_registered_model_alias(version.name, alias, version.version)
-        outcomes.append(PromoteOutcome(
-            name=version.name, version=str(version.version), registered_new=is_new, alias=alias, moved=move,
-            new_value=_tag_float(version, f"{TAG_PREFIX}{metric}"),
-            old_version=str(old.version) if old is not None else None,
-            old_value=_tag_float(old, f"{TAG_PREFIX}{metric}") if old is not None else None, reason=reason))
-        log.info(outcomes[-1].line(metric))
+        tags = version_tags(info, run, report_run, client)
+        for name in (None, BEST_MODEL) if family_of(run.data.tags) == best else (None,):
+            outcomes.append(_promote_one(client, uri, run, tags, name, alias=alias, force=force, metric=metric,
+                                         mode=mode, report_run=report_run))
     return outcomes
 
 
+def _promote_one(client, uri: str, run, tags: dict[str, str], name: str | None, *, alias: str, force: bool,
+                 metric: str, mode: str, report_run) -> PromoteOutcome:
+    """Register the run's model (under `name`, default its family's model) and move `alias` if earned."""
+    try:
+        version, is_new = register(client, uri, run, tags, name)
+    except Exception as e:  # noqa: BLE001 - MLflow raises many types; the message names the run
+        raise TrackingError(f"cannot register the model of run {run.info.run_id}: {e}") from e
+    old = current_holder(client, version.name, alias)
+    move, reason = decide(version, old, metric=metric, mode=mode, force=force)
+    if move:
+        client.set_registered_model_alias(version.name, alias, version.version)
+    seeds = report_run.data.params.get("seeds")
+    outcome = PromoteOutcome(
+        name=version.name, version=str(version.version), registered_new=is_new, alias=alias, moved=move,
+        new_value=_tag_float(version, f"{TAG_PREFIX}{metric}"),
+        old_version=str(old.version) if old is not None else None,
+        old_value=_tag_float(old, f"{TAG_PREFIX}{metric}") if old is not None else None, reason=reason,
+        seed_mean=_tag_float(version, f"{TAG_PREFIX}{metric}_seed_mean"), seeds=int(seeds) if seeds else None,
+        family=family_of(run.data.tags) if name == BEST_MODEL else None)
+    log.debug(outcome.line(metric))  # `carclf promote` prints it; a library caller gets the outcome
+    return outcome
+
+
+def report_winner(report_run, info: SweepInfo) -> str | None:
+    """The family the report names the winner: its tag, else (a report made before the tag) the family with
+    the best seed mean of the ranking metric among the report's metrics."""
+    from carclf.report import WINNER_TAG, ranking_metric
+
+    tagged = report_run.data.tags.get(WINNER_TAG)
+    if tagged:
+        return tagged
+    suffix = f".test_{ranking_metric(info.metric)}"
+    means = {k[:-len(suffix)]: v for k, v in report_run.data.metrics.items() if k.endswith(suffix)}
+    if not means:
+        return None
+    return (max if info.mode == "max" else min)(sorted(means), key=means.get)
+
+
 def cli_promote(args) -> int:
+    from urllib.parse import urlencode
+
+    from carclf.browse import WORKFLOW_PARAM, ui_heading, ui_url
+
     info = resolve_sweep(args.sweep)
-    metric = matching_test_metric(info.metric)
-    for outcome in promote(args.sweep, model=args.model, alias=args.alias, force=args.force):
+    metric, _ = comparison(info, getattr(args, "metric", None))
+    for outcome in promote(args.sweep, model=args.model, alias=args.alias, force=args.force,
+                           metric=getattr(args, "metric", None)):
         print(outcome.line(metric))
         if outcome.moved:
             print(f"  load with: models:/{outcome.name}@{outcome.alias}")
+    print(f"{ui_heading(info.tracking_uri)}\n  the registered models: "
+          f"{ui_url(info.tracking_uri, '/#/models?' + urlencode(WORKFLOW_PARAM))}")
     return 0

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from urllib.parse import urlencode
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from carclf import paths
 from carclf.config import RunConfig, flatten
 from carclf.errors import TrackingError
+from carclf.redact import redact, strip_credentials
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,13 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def _check_server(uri: str) -> None:
     if uri in _reachable:
         return
-    url = uri.rstrip("/") + "/health"
+    url = strip_credentials(uri).rstrip("/") + "/health"  # /health needs no login, also behind basic auth
     try:
         with urllib.request.urlopen(url, timeout=_HTTP_CHECK_TIMEOUT_S) as resp:
             resp.read(64)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); "
+        raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({redact(reason)}); "
                             "start it with `carclf server` or fix tracking.uri / MLFLOW_TRACKING_URI") from None
     _reachable.add(uri)
 
@@ -94,8 +96,11 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
     return (db.parent / "mlartifacts" / safe).resolve().as_uri()
 
 
-def ensure_experiment(name: str, uri: str | None = None) -> str:
-    """The id of experiment `name`, creating it (with an absolute artifact location) on first use."""
+def ensure_experiment(name: str, uri: str | None = None, *, created_by: str = "carclf") -> str:
+    """The id of experiment `name`, creating it (with an absolute artifact location) on first use.
+
+    A new experiment is tagged as a model-training one, with the carclf version and `created_by`.
+    """
     uri = resolve_tracking_uri(uri)
     key = (uri, name)
     if key in _experiment_ids:
@@ -104,20 +109,24 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
     try:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            exp_id = _create_experiment(client, name, default_artifact_location(uri, name))
+            exp_id = _create_experiment(client, name, default_artifact_location(uri, name), created_by)
         elif exp.lifecycle_stage == "deleted":
-            raise TrackingError(f"MLflow experiment {name!r} at {uri} is deleted; restore it or pick another name")
+            raise TrackingError(f"MLflow experiment {name!r} at {redact(uri)} is deleted; restore it or pick "
+                                "another name")
         else:
             exp_id = exp.experiment_id
     except MlflowException as e:
-        raise TrackingError(f"cannot reach MLflow experiment {name!r} at {uri}: {e.message}") from e
+        raise TrackingError(f"cannot reach MLflow experiment {name!r} at {redact(uri)}: {redact(e.message)}") from None
     _experiment_ids[key] = exp_id
     return exp_id
 
 
-def _create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+def _create_experiment(client: MlflowClient, name: str, artifact_location: str | None,
+                       created_by: str = "carclf") -> str:
+    from carclf.browse import experiment_tags
+
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location, tags=experiment_tags(created_by))
     except MlflowException:
         # Another process created it between our lookup and create: use theirs.
         exp = client.get_experiment_by_name(name)
@@ -153,7 +162,7 @@ def start_run(*, experiment: str, run_name: str | None = None, parent_run_id: st
 
 
 def _mark_failed(run_id: str, error: BaseException) -> None:
-    text = f"{type(error).__name__}: {error}"[:_MAX_TAG_CHARS]
+    text = redact(f"{type(error).__name__}: {error}")[:_MAX_TAG_CHARS]
     try:
         mlflow.set_tag(ERROR_TAG, text)
     finally:
@@ -171,9 +180,13 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def log_config(cfg: RunConfig) -> None:
-    """Flattened config as params (`train.lr`, ...) and the whole resolved config as `config.yaml`."""
-    log_params(flatten(cfg.to_dict()))
-    mlflow.log_text(cfg.to_yaml(), "config.yaml")
+    """Flattened config as params (`train.lr`, ...) and the whole resolved config as `config.yaml`.
+
+    Credentials (a password in `tracking.uri`, say) are redacted: params and artifacts are readable by
+    everyone with access to the tracking server.
+    """
+    log_params({k: redact(v) if isinstance(v, str) else v for k, v in flatten(cfg.to_dict()).items()})
+    mlflow.log_text(redact(cfg.to_yaml()), "config.yaml")
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
@@ -234,73 +247,137 @@ def log_dataframe(df: pd.DataFrame, name: str) -> None:
 
 def _pip_requirements(*packages: str) -> list[str]:
     # Pinned from the running environment; passing them skips MLflow's slow requirement inference
-    # (it loads the saved model in a subprocess).
+    # (it loads the saved model in a subprocess). A local build label (torch's "+cpu") is not on PyPI.
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
     for pkg in packages:
         try:
-            reqs.append(f"{pkg}=={version(pkg)}")
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
             reqs.append(pkg)
     return reqs
 
 
-def log_network_model(model, *, input_example: np.ndarray, metadata: dict[str, Any]):
-    """Log a torch network as `model` in the pt2 format (torch.export: no pickle on load).
+# What the shipped inference module (carclf/car_classifier.py) imports; the SVM adds its own two.
+_MODEL_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow")
+_SVM_PACKAGES = ("scikit-learn", "skops")
 
-    `input_example` is a float32 batch [N,3,H,W] with N >= 2, so the exported batch dimension
-    stays dynamic; the signature is a tensor spec inferred from it and the model's output.
+
+def log_network_model(model, *, input_example: list[bytes], metadata: dict[str, Any]):
+    """Log a trained carclf network as `model`: one pyfunc model from photo bytes to class names.
+
+    `metadata` needs `classes`, `input_config` and `model` (the architecture's name); the weights
+    are saved as a state_dict. See `_log_classifier` for what the model holds.
     """
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
+    from carclf.car_classifier import SPEC_VERSION
 
-    model = model.to("cpu").eval()
-    example = np.ascontiguousarray(input_example, dtype=np.float32)
-    if example.ndim != 4 or example.shape[0] < 2:
-        raise ValueError(f"input_example must be a batch [N>=2,3,H,W], got shape {example.shape}")
-    model = model.to(memory_format=torch.contiguous_format)
-    with torch.inference_mode():
-        output = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    return mlflow.pytorch.log_model(
-        model, name="model", serialization_format="pt2", signature=signature, input_example=example,
-        metadata=_jsonable(metadata), pip_requirements=_pip_requirements("torch", "torchvision", "numpy"))
+    spec = {"version": SPEC_VERSION, "kind": "network", "classes": list(metadata["classes"]),
+            "input_config": _jsonable(metadata["input_config"]), "architecture": metadata["model"],
+            "kwargs": _jsonable(getattr(model, "build_kwargs", {}))}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"spec": _write_spec(spec, tmp), "weights": _save_state_dict(model, tmp)}
+        return _log_classifier(artifacts, input_example, metadata, _MODEL_PACKAGES)
 
 
-def log_svm_model(pipeline, *, input_example: np.ndarray, metadata: dict[str, Any]):
-    """Log a fitted scikit-learn Pipeline as `model` in the skops format (no pickle on load).
+def log_svm_model(pipeline, backbone, *, input_example: list[bytes], metadata: dict[str, Any]):
+    """Log a fitted SVM Pipeline and the feature backbone it was trained on as `model`: one pyfunc
+    model from photo bytes to class names.
 
-    The skops allow-list is computed from the pipeline itself; it holds only scikit-learn and
-    NumPy types, and MLflow checks at save time that the model loads back with it.
+    `metadata` needs `classes`, `input_config`, `backbone` and `features`. The pipeline is saved
+    with skops; a type outside the inference module's trusted list is refused here, at logging,
+    rather than when someone loads the model.
     """
-    import mlflow.sklearn
-    from mlflow.models import infer_signature
-
-    example = np.ascontiguousarray(input_example, dtype=np.float32)
-    signature = infer_signature(example, pipeline.predict(example))
-    return mlflow.sklearn.log_model(
-        pipeline, name="model", serialization_format="skops", skops_trusted_types=skops_trusted_types(pipeline),
-        signature=signature, input_example=example, metadata=_jsonable(metadata),
-        pip_requirements=_pip_requirements("scikit-learn", "skops", "numpy"))
-
-
-def skops_trusted_types(obj) -> list[str]:
-    """The types skops does not trust by default that `obj` contains (e.g. NumPy dtypes)."""
     import skops.io
 
-    return skops.io.get_untrusted_types(data=skops.io.dumps(obj))
+    from carclf.car_classifier import SPEC_VERSION, SVM_TRUSTED_TYPES
+
+    untrusted = sorted(set(skops.io.get_untrusted_types(data=skops.io.dumps(pipeline))) - set(SVM_TRUSTED_TYPES))
+    if untrusted:
+        raise TrackingError(f"the SVM pipeline holds types the model loader does not trust: {', '.join(untrusted)}; "
+                            "add them to SVM_TRUSTED_TYPES in carclf/car_classifier.py if they are safe")
+    spec = {"version": SPEC_VERSION, "kind": "svm", "classes": list(metadata["classes"]),
+            "input_config": _jsonable(metadata["input_config"]), "backbone": metadata["backbone"],
+            "features": metadata.get("features", "gap")}
+    with tempfile.TemporaryDirectory() as tmp:
+        svm_path = str(Path(tmp) / "svm.skops")
+        skops.io.dump(pipeline, svm_path)
+        artifacts = {"spec": _write_spec(spec, tmp), "weights": _save_state_dict(backbone, tmp), "svm": svm_path}
+        return _log_classifier(artifacts, input_example, metadata, _MODEL_PACKAGES + _SVM_PACKAGES)
+
+
+def _write_spec(spec: dict, folder: str) -> str:
+    import json
+
+    path = Path(folder) / "spec.json"
+    path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    return str(path)
+
+
+def _save_state_dict(module, folder: str) -> str:
+    import torch
+
+    # CPU and contiguous: the file loads on any host (training may leave cuda, channels_last tensors).
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    path = Path(folder) / "weights.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def classifier_signature():
+    """The signature of every carclf model: `image` bytes in; class, probability, top-k and error out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    from carclf.car_classifier import DEFAULT_TOP_K, IMAGE_COLUMN
+
+    outputs = Schema([ColSpec(DataType.string, "class", required=False),
+                      ColSpec(DataType.double, "probability", required=False),
+                      ColSpec(Array(DataType.string), "top_classes"),
+                      ColSpec(Array(DataType.double), "top_probabilities"), ColSpec(DataType.string, "error")])
+    return ModelSignature(inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]), outputs=outputs,
+                          params=ParamSchema([ParamSpec("top_k", DataType.long, DEFAULT_TOP_K)]))
+
+
+def _log_classifier(artifacts: dict[str, str], input_example: list[bytes], metadata: dict, packages: tuple):
+    """One pyfunc model from code: carclf/pyfunc_model.py as the model, carclf/car_classifier.py beside it.
+
+    Nothing is pickled: MLflow runs the model file on load, and the weights and the SVM are read
+    with safe loaders. MLflow loads the model once here to check the input example.
+    """
+    import mlflow.pyfunc
+
+    from carclf import car_classifier
+
+    if not input_example:
+        raise ValueError("input_example must hold at least one encoded image")
+    here = Path(__file__).resolve().parent
+    example = (pd.DataFrame({car_classifier.IMAGE_COLUMN: list(input_example)}),
+               {"top_k": car_classifier.DEFAULT_TOP_K})
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=str(here / "pyfunc_model.py"), code_paths=[car_classifier.__file__],
+        artifacts=artifacts, signature=classifier_signature(), input_example=example,
+        metadata=_jsonable({**metadata, "pyfunc_format": car_classifier.SPEC_VERSION}),
+        pip_requirements=_pip_requirements(*packages))
 
 
 def cli_ui(args) -> int:
-    """`carclf ui`: the MLflow UI on the project's database, bound to 127.0.0.1."""
+    """`carclf ui`: the MLflow UI on the project's database, bound to 127.0.0.1.
+
+    The store reaches `mlflow ui` through MLFLOW_BACKEND_STORE_URI rather than its command line,
+    which every user of the machine can read (`ps`), so a database password stays private.
+    """
+    from carclf.browse import WORKFLOW_PARAM, known_sweeps
+
     uri = resolve_tracking_uri(args.backend_store_uri)
     url = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(args.port)]
-    print(f"MLflow UI for {uri}\n  {url}  (Ctrl+C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
+    # the model-training workflow: MLflow 3.17's UI opens in its GenAI one otherwise
+    print(f"MLflow UI for {redact(uri)}\n  {url}/#/experiments?{urlencode(WORKFLOW_PARAM)}  (Ctrl+C to stop)")
+    for line in known_sweeps(uri, url):
+        print(f"  sweep {line}")
+    sys.stdout.flush()
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env={**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
     except KeyboardInterrupt:
         return 0

