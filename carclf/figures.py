@@ -9,8 +9,6 @@ worker processes and never open a window; `save_figure` writes PNG atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +37,30 @@ def class_frequency_figure(table: pd.DataFrame, title: str = "Images per class")
     return _bar_figure(table["class"].tolist(), table["count"].to_numpy(), ylabel="images", title=title)
 
 
+def split_counts_figure(table: pd.DataFrame, title: str = "Images per class and split") -> Figure:
+    """Grouped bars per class: train, val and test as split (left), and the training split after each
+    family's balancing beside the train split as drawn (right). `table`: compare.split_counts_table."""
+    balanced = [c for c in table.columns if c.startswith("train balanced")]
+    classes = table["class"].astype(str).tolist()
+    panels = [("as split (real images only)", ["train", "val", "test"]),
+              ("training split, before and after balancing", ["train", *balanced])]
+    width = min(14.0, max(7.0, 0.3 * len(classes) * (1 + len(balanced)) + 2))
+    fig = Figure(figsize=(width, 7.5), layout="constrained")  # one panel above the other: readable when shrunk
+    fig.suptitle(title)
+    positions = np.arange(len(classes))
+    for k, (subtitle, columns) in enumerate(panels, start=1):
+        ax = fig.add_subplot(2, 1, k)
+        bar = 0.8 / len(columns)
+        for j, column in enumerate(columns):
+            label = "train (before balancing)" if (k == 2 and column == "train") else column
+            ax.bar(positions + (j - (len(columns) - 1) / 2) * bar, table[column].to_numpy(), bar, label=label)
+        ax.set_xticks(positions, classes, rotation=45, ha="right")
+        ax.set_ylabel("images")
+        ax.set_title(subtitle)
+        ax.legend(fontsize=8)
+    return fig
+
+
 def per_class_f1_figure(report: pd.DataFrame, title: str = "Per-class F1") -> Figure:
     """Bars of `f1` per `class` (metrics.per_class_report)."""
     return _bar_figure(report["class"].tolist(), report["f1"].to_numpy(), ylabel="F1", title=title, ylim=(0, 1.05))
@@ -60,7 +82,7 @@ def _draw_confusion(fig: Figure, ax, counts, classes: Sequence[str], normalize: 
     for i, j in np.ndindex(values.shape):
         text = f"{values[i, j]:.2f}" if normalize else str(int(values[i, j]))
         colour = "white" if values[i, j] > threshold else "black"
-        ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=7)
+        ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9 if len(classes) <= 12 else 7)
 
 
 def _confusion_side(n_classes: int) -> float:
@@ -137,16 +159,65 @@ def metric_bars_figure(df: pd.DataFrame, metrics: Sequence[str], title: str = "M
     return fig
 
 
+def optimization_history_figure(history: pd.DataFrame, metric: str, title: str = "Optimisation history") -> Figure:
+    """Each trial's `metric` (dots) and the best so far (steps), against trial number and against wall time.
+
+    `history` columns: number, value, best_so_far (in trial-number order), minutes (when the trial
+    finished, from the sweep's first start) and best_by_time (the best among trials finished by then).
+    """
+    missing = [c for c in ("number", "value", "best_so_far", "minutes", "best_by_time") if c not in history.columns]
+    if missing:
+        raise ValueError(f"optimization_history_figure: columns {missing} missing")
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    fig.suptitle(title)
+    by_time = history.sort_values("minutes", kind="stable")
+    for k, (frame, x, best, xlabel) in enumerate(((history, "number", "best_so_far", "trial number"),
+                                                  (by_time, "minutes", "best_by_time", "minutes since the first trial")),
+                                                 start=1):
+        ax = fig.add_subplot(1, 2, k)
+        ax.plot(frame[x], frame["value"], "o", color="tab:blue", alpha=0.6, label=metric)
+        ax.step(frame[x], frame[best], where="post", color="tab:red", label="best so far")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        if x == "number":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    return fig
+
+
+def pareto_front_figure(points: pd.DataFrame, x: str, y: str, *, marked: Sequence[str] = (),
+                        title: str = "Pareto front") -> Figure:
+    """Every trial as a point (`x` against `y`), one colour per family (column `family`); the Pareto front
+    (rows with `on_front`) joined by a line; rows whose `run_id` is in `marked` ringed and labelled."""
+    missing = [c for c in ("family", "run_id", "on_front", x, y) if c not in points.columns]
+    if missing:
+        raise ValueError(f"pareto_front_figure: columns {missing} missing")
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for family, rows in points.groupby("family", sort=True):
+        ax.scatter(rows[x], rows[y], s=28, alpha=0.75, label=str(family))
+    front = points[points["on_front"].astype(bool)].sort_values(x, kind="stable")
+    ax.plot(front[x], front[y], "-o", color="black", linewidth=1, markersize=3, label="Pareto front")
+    chosen = points[points["run_id"].isin(list(marked))]
+    if len(chosen):
+        ax.scatter(chosen[x], chosen[y], s=160, facecolors="none", edgecolors="tab:red", linewidths=1.5,
+                   label="retested choice")
+        for _, r in chosen.iterrows():
+            ax.annotate(str(r["family"]), (r[x], r[y]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    values = points[x].to_numpy(dtype=float)
+    if len(values) and values.min() > 0 and values.max() / values.min() > 20:
+        ax.set_xscale("log")  # latencies of a backbone and of a small CNN differ by decades
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write `fig` as PNG to `path` atomically (a temp file in the same folder, then os.replace)."""
+    """Write `fig` as PNG to `path` atomically (a temp file in the same folder, then os.replace); the umask applies."""
+    from carclf.cache import USER_FILE_MODE, atomic_write_bytes
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, lambda f: fig.savefig(f, format="png", dpi=dpi), mode=USER_FILE_MODE)
     return target

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from carclf.errors import SweepError
-from carclf.promote import cli_promote, decide, promote, matching_test_metric
+from carclf.promote import cli_promote, comparison, decide, matching_test_metric, promote
 from tiny_sweep import sweeps, uri, write_sweep_json  # noqa: F401 - fixtures
 
 
@@ -22,12 +22,13 @@ def test_promote_sets_alias_refuses_worse_model_and_force_moves_it(sweeps, uri, 
     assert _rep_f1(sweeps.bad) < _rep_f1(sweeps.good)  # the fixture's premise
 
     first = {o.name: o for o in promote("good")}
-    assert set(first) == {"carclf-svm_rbf", "carclf-simple_cnn"}
+    assert set(first) == {"carclf-svm_rbf", "carclf-simple_cnn", "carclf-best"}
     assert all(o.moved and o.registered_new and o.reason == "first holder" for o in first.values())
     champion = client.get_model_version_by_alias("carclf-svm_rbf", "champion")
     good_rep = next(f for f in sweeps.good.families if f.model == "svm_rbf").representative
     assert champion.run_id == good_rep.run_id
     assert float(champion.tags["carclf.test_f1_macro"]) == pytest.approx(_rep_f1(sweeps.good))
+    assert float(champion.tags["carclf.size_mb"]) > 0 and float(champion.tags["carclf.infer_ms_per_img"]) > 0
     assert champion.tags["carclf.test_manifest_hash"] == good_rep.test_hash
     chosen = next(f for f in sweeps.good.families if f.model == "svm_rbf").config
     assert champion.tags["carclf.sweep"] == "good"
@@ -41,7 +42,7 @@ def test_promote_sets_alias_refuses_worse_model_and_force_moves_it(sweeps, uri, 
     assert client.get_model_version_by_alias("carclf-svm_rbf", "champion").version == champion.version
     assert len(client.search_model_versions("name = 'carclf-svm_rbf'")) == 2  # registered, not promoted
 
-    [forced] = promote("bad", force=True)
+    forced = {o.name: o for o in promote("bad", force=True)}["carclf-svm_rbf"]
     assert forced.moved and not forced.registered_new  # the version from the refused attempt is reused
     assert str(client.get_model_version_by_alias("carclf-svm_rbf", "champion").version) == forced.version
     assert forced.version != str(champion.version)
@@ -50,11 +51,80 @@ def test_promote_sets_alias_refuses_worse_model_and_force_moves_it(sweeps, uri, 
 @pytest.mark.slow
 def test_promote_again_reuses_the_version_and_only_one_family(sweeps, uri):
     promote("good", model="svm_rbf")
-    [again] = promote("good", model="svm_rbf", alias="champion")
+    again = {o.name: o for o in promote("good", model="svm_rbf", alias="champion")}["carclf-svm_rbf"]
     assert not again.registered_new and not again.moved and again.reason == "already the holder"
     client = MlflowClient(uri, registry_uri=uri)
     assert len(client.search_model_versions("name = 'carclf-svm_rbf'")) == 1
     assert client.search_registered_models("name = 'carclf-simple_cnn'") == []
+
+
+@pytest.mark.slow
+def test_lean_trials_hold_no_model_or_test_figure_yet_the_report_retests_and_promote_registers(sweeps, uri):
+    """Sweep trials (as the runner runs them) skip the test split and the model; the report's retests have both."""
+    import mlflow
+
+    client = MlflowClient(uri, registry_uri=uri)
+
+    def logged_models(run_id):
+        exp = client.get_run(run_id).info.experiment_id
+        return client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")
+
+    for run_id in sweeps.finals["good"]:
+        trial = client.get_run(run_id)
+        assert trial.data.tags["carclf.role"] == "trial"
+        assert not any(k.startswith("test_") for k in trial.data.metrics)
+        assert len(logged_models(run_id)) == 0
+    retests = {f.model: f.representative.run_id for f in sweeps.good.families}
+    assert all(len(logged_models(run_id)) == 1 for run_id in retests.values())
+    for outcome in promote("good"):
+        version = client.get_model_version_by_alias(outcome.name, "champion")
+        family = outcome.family or outcome.name.removeprefix("carclf-")  # carclf-best: the winner's family
+        assert version.run_id == retests[family] and version.run_id not in sweeps.finals["good"]
+        assert "test_f1_macro" in client.get_run(version.run_id).data.metrics
+        assert mlflow.models.get_model_info(f"models:/{outcome.name}@champion").metadata["classes"]
+
+
+def test_promote_marks_the_report_winner_as_carclf_best_and_prints_each_outcome_once(sweeps, uri, capsys, caplog):
+    import logging
+
+    client = MlflowClient(uri, registry_uri=uri)
+    winner = sweeps.good.winner["model"]
+    caplog.set_level(logging.INFO)
+    cli_promote(argparse.Namespace(sweep="good", model=None, alias="champion", force=False))
+    captured = capsys.readouterr()
+    best = client.get_model_version_by_alias("carclf-best", "champion")
+    family = client.get_model_version_by_alias(f"carclf-{winner}", "champion")
+    assert best.run_id == family.run_id and best.tags["carclf.family"] == winner
+    assert [str(v.version) for v in client.search_model_versions("name = 'carclf-best'")] == ["1"]  # the winner only
+    for name in ("carclf-svm_rbf", "carclf-simple_cnn", "carclf-best"):
+        assert captured.out.count(f"{name} v1") == 1, name  # once: not also as a log line
+    assert f"carclf-best v1 = the report's winner, {winner}:" in captured.out
+    assert not [r for r in caplog.records if r.name.startswith("carclf") and r.levelno >= logging.INFO]
+    assert "Successfully registered" not in captured.err  # nor MLflow's own lines
+    # the registered model's own figure and the report's mean over seeds, each labelled
+    own = _rep_f1(sweeps.good)
+    mean = sweeps.good.table.set_index("model").loc["svm_rbf", "test_f1_macro"]
+    assert f"carclf-svm_rbf v1: test_f1_macro {own:.4f} (this model; mean over 2 seeds in the report {mean:.4f})" \
+        in captured.out
+
+    # A later report whose winner is worse on the same test images does not take carclf-best.
+    outcomes = {o.name: o for o in promote("bad")}
+    assert not outcomes["carclf-best"].moved and outcomes["carclf-best"].family == "svm_rbf"
+    assert client.get_model_version_by_alias("carclf-best", "champion").version == best.version
+
+
+def test_report_winner_from_the_tag_or_from_the_report_metrics():
+    from carclf.promote import report_winner
+    from report_samples import sample_info
+
+    def run(tags, metrics):
+        return SimpleNamespace(data=SimpleNamespace(tags=tags, metrics=metrics))
+
+    info = sample_info(".")
+    assert report_winner(run({"carclf.winner": "svm"}, {}), info) == "svm"
+    metrics = {"svm.test_f1_macro": 0.7, "cnn.test_f1_macro": 0.8, "cnn.test_accuracy": 0.1}
+    assert report_winner(run({}, metrics), info) == "cnn"  # reports made before the tag
+    assert report_winner(run({}, {}), info) is None
 
 
 @pytest.mark.slow
@@ -102,3 +172,20 @@ def test_reserved_alias_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
     with pytest.raises(SweepError, match="reserved"):
         promote("any", alias="v3")
+
+
+def test_promote_compares_by_the_first_objective_unless_told_otherwise(tmp_path):
+    from carclf.report.selection import SweepInfo
+
+    info = SweepInfo(name="s", folder=tmp_path, parent_run_id="p", experiment="carclf", tracking_uri="sqlite://",
+                     metric="val_f1_macro", mode="max")
+    assert comparison(info, None) == ("test_f1_macro", "max")
+    assert comparison(info, "test_accuracy") == ("test_accuracy", "max")
+    assert comparison(info, "infer_ms_per_img") == ("infer_ms_per_img", "min")  # a cost: lower is better
+    assert comparison(info, "size_mb") == ("size_mb", "min")
+    with pytest.raises(SweepError, match="--metric 'val_loss': versions carry"):
+        comparison(info, "val_loss")
+    faster = SimpleNamespace(version="2", tags={"carclf.infer_ms_per_img": "1.5", "carclf.test_manifest_hash": "h"})
+    slower = SimpleNamespace(version="1", tags={"carclf.infer_ms_per_img": "4.0", "carclf.test_manifest_hash": "h"})
+    assert decide(faster, slower, metric="infer_ms_per_img", mode="min", force=False)[0]
+    assert not decide(slower, faster, metric="infer_ms_per_img", mode="min", force=False)[0]

@@ -1,0 +1,298 @@
+"""Build a sweep's report: select, retest, compare, render, write the files and the 'report' MLflow run.
+
+    result = build_report("quickstart", seeds=3)   # results/quickstart/report/, and `carclf report quickstart`
+
+The report run is linked to the sweep's parent run by a tag, not nested under it; each retest is
+a child of the report run. Anything left out of the comparison (an interrupted sweep, trials
+stopped early or failed, a family without a finished trial, a failed retest) is said in the
+report. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from carclf.errors import SweepError
+from carclf.report.analysis import analysis_section, load_analysis
+from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
+                                   per_class_f1_table, ranking_metric, split_counts_table, winner, winner_sentence)
+from carclf.report.render import CONFUSION_PREFIX, _with_intervals, figure_png, render_html, report_figures
+from carclf.report.retest import (REPRESENTATIVE_TAG, TEST_HASH_TAG, FamilyRetest, check_same_test_split,
+                                  retest_family, run_manifest, run_test_hash, seed_configs, trial_threads)
+from carclf.report.selection import (ROLE_TAG, SWEEP_TAG, SweepInfo, parent_run, resolve_sweep, select_best,
+                                     sweep_client, sweep_uri, trial_config, trial_runs, unfinished)
+
+log = logging.getLogger(__name__)
+
+SWEEP_PARENT_TAG = "carclf.sweep_parent_run_id"
+WINNER_TAG = "carclf.winner"  # on the report run: the family the report names best (what promote marks)
+REPORT_FILES = {
+    "table_csv": "comparison.csv", "table_parquet": "comparison.parquet", "mcnemar": "mcnemar.csv",
+    "per_class": "per_class_f1.csv", "confused": "confused_pairs.csv", "status": "trials_not_finished.csv",
+    "split_counts": "split_counts.csv", "bars": "metrics.png", "class_frequency": "class_frequency.png",
+    "pareto": "pareto.png", "html": "report.html", "summary": "report.json",
+}  # plus one confusion_<family>.png per family
+
+
+def report_file_name(key: str) -> str:
+    """The file a report output is written to: REPORT_FILES, or `confusion_<family>.png`."""
+    if key in REPORT_FILES:
+        return REPORT_FILES[key]
+    if key.startswith(CONFUSION_PREFIX):
+        return f"{key}.png"
+    raise KeyError(f"no report file for {key!r}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    from carclf.cache import USER_FILE_MODE, atomic_path
+
+    with atomic_path(path, mode=USER_FILE_MODE) as tmp:  # a report is for sharing: the umask decides, as for any file
+        write(str(tmp))
+
+
+def _write_value(value: Any, target: str, suffix: str) -> None:
+    if isinstance(value, pd.DataFrame):
+        if suffix == ".parquet":
+            value.to_parquet(target, index=False)
+        else:
+            value.to_csv(target, index=False)
+    elif isinstance(value, bytes):
+        Path(target).write_bytes(value)
+    elif isinstance(value, str):
+        Path(target).write_text(value, encoding="utf-8")
+    else:
+        Path(target).write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+
+
+def write_outputs(out_dir: Path, outputs: dict[str, Any]) -> dict[str, Path]:
+    """Every report file (tables, PNG bytes, HTML, JSON), each written atomically; returns name -> path."""
+    written = {}
+    for key, value in outputs.items():
+        path = out_dir / report_file_name(key)
+        _atomic_write(path, lambda tmp, v=value, suffix=path.suffix: _write_value(v, tmp, suffix))
+        written[key] = path
+    return written
+
+
+@dataclass
+class ReportResult:
+    info: SweepInfo
+    report_run_id: str
+    out_dir: Path
+    table: pd.DataFrame
+    mcnemar: pd.DataFrame
+    families: list[FamilyRetest]
+    problems: list[str]  # failures and an interrupted sweep: warnings
+    files: dict[str, Path]
+    winner: dict[str, Any] | None = None  # compare.winner: the best family, its interval, the runner-up
+    remarks: list[str] = field(default_factory=list)  # expected events worth saying (early stops)
+
+
+def _start_report_run(client, info: SweepInfo, n_seeds: int) -> str:
+    parent = parent_run(client, info)
+    # Linked by tag, not nested (mlflow.parentRunId): a resumed sweep treats every child of its parent
+    # run as a trial and deletes children it does not know.
+    tags = {ROLE_TAG: "report", SWEEP_TAG: info.name, SWEEP_PARENT_TAG: info.parent_run_id,
+            "mlflow.runName": f"report-{info.name}"}
+    run = client.create_run(parent.info.experiment_id, tags=tags)
+    client.log_param(run.info.run_id, "seeds", n_seeds)
+    client.log_param(run.info.run_id, "metric", info.metric)
+    return run.info.run_id
+
+
+def _problems(info: SweepInfo, trials: pd.DataFrame, best: pd.DataFrame, families: list[FamilyRetest],
+              parent_status: str) -> list[str]:
+    out = []
+    if parent_status != "FINISHED":
+        out.append(f"the sweep's parent run is {parent_status}: the sweep was interrupted or is still running; "
+                   "this report covers the trials that finished")
+    left = unfinished(trials, info.metric)
+    other = left[left["status"] != "STOPPED_EARLY"]
+    if len(other):
+        counts = other.groupby("status").size().to_dict()
+        out.append(f"{len(other)} of {len(trials)} trials did not finish with {info.metric} "
+                   f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); see the table below")
+    for model in sorted(set(trials["model"]) - set(best["model"])) if len(trials) else []:
+        out.append(f"{model}: no finished trial, not retested")
+    for f in families:
+        out += [f"{f.model}: retest failed ({err})" for err in f.errors]
+    return out
+
+
+def _remarks(info: SweepInfo, trials: pd.DataFrame) -> list[str]:
+    """What went as designed but is worth saying: trials the scheduler stopped early are no candidates."""
+    left = unfinished(trials, info.metric)
+    stopped = int((left["status"] == "STOPPED_EARLY").sum())
+    if not stopped:
+        return []
+    return [f"Stopped early by the scheduler: {stopped} of {len(trials)} trials (ASHA ends a trial whose validation "
+            "curve trails the others at a checkpoint, to spend the time on better ones); they are not candidates."]
+
+
+def build_report(sweep: str | Path, *, seeds: int = 3, out: str | Path | None = None, n_boot: int = 2000,
+                 progress: bool = False) -> ReportResult:
+    """Select, retest, compare and write the report (files and the 'report' MLflow run)."""
+    if seeds < 1:
+        raise SweepError(f"--seeds must be at least 1, got {seeds}")
+    info = resolve_sweep(sweep)
+    client = sweep_client(info)
+    trials = trial_runs(client, info)
+    best = select_best(trials, info.metric, info.mode)
+    if best.empty:
+        raise SweepError(f"sweep {info.name!r}: no finished trial with {info.metric} "
+                         f"({len(trials)} trial runs found); nothing to report")
+    out_dir = Path(out).expanduser().resolve() if out else info.report_dir
+    report_run_id = _start_report_run(client, info, seeds)
+    try:
+        result = _report_body(client, info, trials, best, report_run_id, seeds, out_dir, n_boot, progress)
+    except BaseException as e:
+        client.set_tag(report_run_id, "carclf.error", f"{type(e).__name__}: {e}"[:5000])
+        client.set_terminated(report_run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    client.set_terminated(report_run_id, status="FINISHED")
+    return result
+
+
+def _check_trials_share_test_split(client, best: pd.DataFrame) -> None:
+    """Fail before any retraining if the chosen trials were tested on different images."""
+    hashes = {row["model"]: run_test_hash(client, row["run_id"]) for _, row in best.iterrows()}
+    if len(set(hashes.values())) > 1:
+        shown = ", ".join(f"{m}: {h[:12]}" for m, h in sorted(hashes.items()))
+        raise SweepError(f"the chosen trials were tested on different images ({shown}); "
+                         "models can only be compared on one test split")
+
+
+def _report_body(client, info, trials, best, report_run_id, seeds, out_dir, n_boot, progress) -> ReportResult:
+    _check_trials_share_test_split(client, best)
+    families = []
+    for _, trial in best.iterrows():
+        cfg = trial_config(client, trial["run_id"])
+        family = FamilyRetest(model=trial["model"], trial_run_id=trial["run_id"], trial_id=str(trial["trial_id"]),
+                              val_metric=float(trial[info.metric]), config=cfg,
+                              threads=trial_threads(client, trial["run_id"]))
+        configs = seed_configs(cfg, seeds, uri=sweep_uri(info), experiment=_experiment_name(client, info),
+                               model=family.model)
+        log.info("retesting %s (trial %s, %s=%.4f) with %d seed(s)%s", family.model, family.trial_id,
+                 info.metric, family.val_metric, seeds,
+                 f" on {family.threads} CPU thread(s), as the trial" if family.threads else "")
+        families.append(retest_family(family, configs, client=client, report_run_id=report_run_id, info=info,
+                                      progress=progress))
+    test_hash = check_same_test_split(families)
+    _tag_retests(client, families, test_hash)
+    problems = _problems(info, trials, best, families, parent_run(client, info).info.status)
+    if not any(f.runs for f in families):
+        raise SweepError(f"sweep {info.name!r}: every retest failed: " + "; ".join(problems))
+    return _write_report(client, info, trials, families, report_run_id, out_dir, n_boot, test_hash, problems, seeds)
+
+
+def _experiment_name(client, info: SweepInfo) -> str:
+    return client.get_experiment(parent_run(client, info).info.experiment_id).name
+
+
+def _tag_retests(client, families: list[FamilyRetest], test_hash: str) -> None:
+    for f in families:
+        for r in f.runs:
+            client.set_tag(r.run_id, TEST_HASH_TAG, test_hash)
+            client.set_tag(r.run_id, REPRESENTATIVE_TAG, str(r is f.representative).lower())
+
+
+def _write_report(client, info, trials, families, report_run_id, out_dir, n_boot, test_hash, problems,
+                  seeds) -> ReportResult:
+    table = comparison_table(families, info.metric, n_boot=n_boot)
+    mcn = mcnemar_table(families)
+    per_class, confused = per_class_f1_table(families), confused_pairs_table(families)
+    not_finished = unfinished(trials, info.metric)
+    split_counts = _split_counts(client, families)
+    best, remarks = winner(table, mcn, info.metric, info.mode), _remarks(info, trials)
+    figures = {k: figure_png(fig) for k, fig in report_figures(families, table, split_counts).items()}
+    search, search_figures = analysis_section(load_analysis(client, info), families, info)
+    figures.update(search_figures)
+    n_test = len(next(r.y_true for f in families for r in f.runs))
+    notes = {"created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seeds": seeds,
+             "n_test": n_test, "test_hash": test_hash, "n_boot": n_boot, "report_run_id": report_run_id}
+    page = render_html(info=info, table=table, mcnemar=mcn, per_class=per_class, confused=confused,
+                       not_finished=not_finished, problems=problems, figures_png=figures, notes=notes,
+                       winner=best, remarks=remarks, sections=[search])
+    summary = {**_summary(info, families, report_run_id, test_hash, problems, seeds), "winner": best,
+               "remarks": remarks}
+    files = write_outputs(out_dir, {"table_csv": table, "table_parquet": table, "mcnemar": mcn, "per_class": per_class,
+                                    "confused": confused, "status": not_finished, "split_counts": split_counts,
+                                    **figures, "html": page, "summary": summary})
+    for path in files.values():
+        client.log_artifact(report_run_id, str(path), "report")
+    _log_report_metrics(client, report_run_id, table)
+    if best is not None:
+        client.set_tag(report_run_id, WINNER_TAG, best["model"])
+    client.set_tag(report_run_id, "mlflow.note.content", winner_sentence(best))
+    return ReportResult(info, report_run_id, out_dir, table, mcn, families, problems, files, best, remarks)
+
+
+def _split_counts(client, families: list[FamilyRetest]) -> pd.DataFrame:
+    """Images per class and split, from the first retested family's manifest (every retest shares the test
+    split), and the training split after each family's balancing."""
+    done = [f for f in families if f.runs]
+    manifest = run_manifest(client, done[0].representative.run_id)
+    return split_counts_table(manifest, {f.model: f.config for f in done})
+
+
+def _summary(info, families, report_run_id, test_hash, problems, seeds) -> dict[str, Any]:
+    return {"sweep": info.name, "sweep_parent_run_id": info.parent_run_id, "report_run_id": report_run_id,
+            "tracking_uri": info.tracking_uri, "metric": info.metric, "mode": info.mode, "seeds": seeds,
+            "test_manifest_hash": test_hash, "representative": "first successful seed (the trial's own seed)",
+            "problems": problems,
+            "models": {f.model: {"trial_run_id": f.trial_run_id, "val_metric": f.val_metric,
+                                 "representative_run_id": f.representative.run_id if f.runs else None,
+                                 "retest_run_ids": [r.run_id for r in f.runs], "errors": f.errors}
+                       for f in families}}
+
+
+def _log_report_metrics(client, run_id: str, table: pd.DataFrame) -> None:
+    for _, row in table.iterrows():
+        for m in TABLE_METRICS:
+            value = row[f"test_{m}"]
+            if isinstance(value, float) and math.isfinite(value):
+                client.log_metric(run_id, f"{row['model']}.test_{m}", value)
+
+
+def console_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The comparison for the terminal: the ranking metric with its interval first, the configuration
+    last (wrapped by carclf.console); report.html and comparison.csv hold every column."""
+    shown = _with_intervals(table, metric)
+    first = f"test {ranking_metric(metric)}"
+    order = ["model", metric, "seeds", first, *[c for c in shown.columns if c.startswith("test ") and c != first],
+             "train s", "infer ms/img", "params", "size MB", "configuration"]
+    return shown[[c for c in order if c in shown.columns]]
+
+
+def cli_report(args) -> int:
+    from carclf.browse import ui_heading, ui_path, ui_url
+    from carclf.console import fit_table, wrapped
+
+    result = build_report(args.sweep, seeds=args.seeds, out=args.out, progress=True)
+    metric = result.info.metric
+    shown = console_table(result.table, metric)
+    kept = ("model", metric, "seeds", f"test {ranking_metric(metric)}", "configuration")
+    optional = [c for c in shown.columns if c not in kept]  # left out last first when the terminal is narrow
+    print(fit_table(shown, wrap="configuration", optional=optional))
+    if len(result.mcnemar):
+        print("\nMcNemar (representative runs, Holm-adjusted):")
+        print(fit_table(result.mcnemar[["model_a", "model_b", "only_a_right", "only_b_right", "p_holm",
+                                        "significant"]]))
+    print()
+    for text in [winner_sentence(result.winner), *(f"note: {r}" for r in result.remarks),
+                 *(f"warning: {p}" for p in result.problems)]:
+        print(wrapped(text))
+    uri = result.info.tracking_uri
+    experiment_id = sweep_client(result.info).get_run(result.report_run_id).info.experiment_id
+    print(f"\nreport: {result.files['html']}")
+    print(f"{ui_heading(uri)}\n  the report run: {ui_url(uri, ui_path(experiment_id, run_id=result.report_run_id))}")
+    print(f"next: carclf promote {result.info.name}   (registers each family and marks the winner)")
+    return 0

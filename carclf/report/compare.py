@@ -1,0 +1,170 @@
+"""The comparison's statistics, as tables: test metrics with bootstrap intervals, McNemar tests, per-class F1.
+
+    table = comparison_table(families, "val_f1_macro", n_boot=2000)   # one row per model
+    pairs = mcnemar_table(families)                                   # one row per pair of models, Holm-adjusted
+
+Intervals are percentile bootstrap intervals over test images, paired across seeds (each resample
+draws the same images for every seed; the metric is averaged over seeds). McNemar's exact test
+compares the representative runs (the first seed) of every pair of models on the same test images.
+The statistics themselves are in carclf.stats; this module applies them to retested families.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from carclf import stats
+from carclf.report.retest import FamilyRetest
+from carclf.report.selection import chosen_configuration
+
+TABLE_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+def comparison_table(families: list[FamilyRetest], metric: str, *, n_boot: int = 2000,
+                     level: float = 0.95) -> pd.DataFrame:
+    """The study's main table: one row per model with seed mean/std and bootstrap intervals."""
+    rows = []
+    for f in families:
+        if not f.runs:
+            continue
+        y, preds, k = f.runs[0].y_true, f.preds, len(f.runs[0].classes)
+        row: dict[str, Any] = {"model": f.model, "configuration": chosen_configuration(f.config),
+                               metric: f.val_metric, "seeds": len(f.runs)}
+        for name in TABLE_METRICS:
+            values = [stats.seed_mean_metric(y, p, name, k) for p in preds]
+            ci = stats.bootstrap_ci(y, preds, name, n_boot=n_boot, level=level, n_classes=k)
+            row.update({f"test_{name}": ci.estimate, f"test_{name}_std": float(np.std(values, ddof=1))
+                        if len(values) > 1 else 0.0, f"test_{name}_ci_low": ci.low, f"test_{name}_ci_high": ci.high})
+        row.update({
+            "train_seconds": float(np.mean([r.train_seconds for r in f.runs])),
+            "infer_ms_per_image": 1000.0 * float(np.mean([r.infer_seconds_per_image for r in f.runs])),
+            "n_params": int(f.runs[0].n_params), "size_mb": float(f.runs[0].size_mb),
+            "trial_run_id": f.trial_run_id, "representative_run_id": f.representative.run_id,
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mcnemar_table(families: list[FamilyRetest]) -> pd.DataFrame:
+    """McNemar's exact test for every pair of models, on their representative runs' test predictions."""
+    done = [f for f in families if f.runs]
+    rows = []
+    for a, b in itertools.combinations(done, 2):
+        ra, rb = a.representative, b.representative
+        res = stats.mcnemar(ra.y_true, ra.pred, rb.pred)
+        rows.append({"model_a": a.model, "model_b": b.model,
+                     "accuracy_a": float(np.mean(ra.pred == ra.y_true)),
+                     "accuracy_b": float(np.mean(rb.pred == rb.y_true)),
+                     "only_a_right": res.a_only, "only_b_right": res.b_only,
+                     "p_value": res.p_value, "p_mid": res.p_mid})
+    table = pd.DataFrame(rows, columns=["model_a", "model_b", "accuracy_a", "accuracy_b", "only_a_right",
+                                        "only_b_right", "p_value", "p_mid"])
+    table["p_holm"] = stats.holm(table["p_value"].tolist()) if len(table) else []
+    table["significant"] = table["p_holm"] < 0.05
+    return table
+
+
+def pooled_confusion(family: FamilyRetest) -> np.ndarray:
+    """Confusion counts summed over seeds (each seed sees every test image once)."""
+    from carclf.metrics import confusion
+
+    k = len(family.runs[0].classes)
+    return sum(confusion(r.y_true, r.pred, k)[0] for r in family.runs)
+
+
+def per_class_f1_table(families: list[FamilyRetest]) -> pd.DataFrame:
+    """Per-class test F1 per model (mean over seeds), with the class's test support."""
+    from carclf.metrics import per_class_report
+
+    done = [f for f in families if f.runs]
+    if not done:
+        return pd.DataFrame(columns=["class", "support"])
+    classes = done[0].runs[0].classes
+    table = pd.DataFrame({"class": classes})
+    for f in done:
+        reports = [per_class_report(r.y_true, r.pred, classes).set_index("class") for r in f.runs]
+        table[f.model] = [float(np.mean([rep.loc[c, "f1"] for rep in reports])) for c in classes]
+    table["support"] = [int(np.sum(done[0].runs[0].y_true == i)) for i in range(len(classes))]
+    return table
+
+
+def confused_pairs_table(families: list[FamilyRetest], k: int = 5) -> pd.DataFrame:
+    """Each model's most confused (true, predicted) class pairs, counts pooled over seeds."""
+    from carclf.metrics import most_confused_pairs
+
+    parts = []
+    for f in families:
+        if f.runs:
+            pairs = most_confused_pairs(pooled_confusion(f), f.runs[0].classes, k=k)
+            parts.append(pairs.assign(model=f.model, seeds=len(f.runs)))
+    if not parts:
+        return pd.DataFrame(columns=["model", "true", "predicted", "count", "seeds"])
+    table = pd.concat(parts, ignore_index=True)
+    return table[["model"] + [c for c in table.columns if c != "model"]]
+
+
+def ranking_metric(selection_metric: str) -> str:
+    """The table metric that ranks the retested families: the selection metric's test counterpart
+    (val_f1_macro -> f1_macro), or macro-F1 when the table holds no interval for it."""
+    name = selection_metric[len("val_"):] if selection_metric.startswith("val_") else selection_metric
+    return name if name in TABLE_METRICS else "f1_macro"
+
+
+def winner(table: pd.DataFrame, mcnemar: pd.DataFrame, metric: str, mode: str) -> dict[str, Any] | None:
+    """The best family by the test counterpart of the selection metric (mean over seeds), with its interval,
+    the runner-up, and whether McNemar's test (Holm-adjusted) tells the two apart; None without a family."""
+    if table.empty:
+        return None
+    name = ranking_metric(metric)
+    column = f"test_{name}"
+    ranked = table.sort_values(column, ascending=mode == "min", kind="mergesort").reset_index(drop=True)
+    best = ranked.iloc[0]
+    out: dict[str, Any] = {"model": best["model"], "metric": column, "value": float(best[column]),
+                           "ci_low": float(best[f"{column}_ci_low"]), "ci_high": float(best[f"{column}_ci_high"]),
+                           "seeds": int(best["seeds"]), "runner_up": None}
+    if len(ranked) > 1:
+        second = ranked.iloc[1]
+        pair = mcnemar[((mcnemar["model_a"] == best["model"]) & (mcnemar["model_b"] == second["model"]))
+                       | ((mcnemar["model_a"] == second["model"]) & (mcnemar["model_b"] == best["model"]))]
+        out.update(runner_up=second["model"], runner_up_value=float(second[column]),
+                   runner_up_ci_low=float(second[f"{column}_ci_low"]),
+                   runner_up_ci_high=float(second[f"{column}_ci_high"]),
+                   p_holm=float(pair["p_holm"].iloc[0]) if len(pair) else float("nan"),
+                   significant=bool(pair["significant"].iloc[0]) if len(pair) else False)
+    return out
+
+
+def winner_sentence(w: dict[str, Any] | None) -> str:
+    """The winner in words, e.g. for the report's first paragraph and `carclf report`'s last lines."""
+    if w is None:
+        return "No family was retested: there is no winner."
+    head = (f"Winner: {w['model']}, {w['metric']} {w['value']:.3f} "
+            f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] (mean over {w['seeds']} seed(s), 95% bootstrap interval).")
+    if w["runner_up"] is None:
+        return head + " It was the only family retested."
+    verdict = ("significant" if w["significant"] else "not significant")
+    return (f"{head} Runner-up: {w['runner_up']}, {w['runner_up_value']:.3f} "
+            f"[{w['runner_up_ci_low']:.3f}, {w['runner_up_ci_high']:.3f}]. The difference is {verdict} "
+            f"(McNemar's exact test on their right and wrong test answers, first seed, Holm-adjusted "
+            f"p = {w['p_holm']:.3g}{'' if w['significant'] else '; the two may well be equally good'}).")
+
+
+def split_counts_table(manifest: pd.DataFrame, configs: dict[str, Any]) -> pd.DataFrame:
+    """Images per class and split (train, val, test) as the runs split them, and the training split after
+    each family's balancing (`configs`: family -> RunConfig); one row per class."""
+    from carclf.data import SPLITS, balance
+
+    order = manifest.drop_duplicates("class").sort_values("label")["class"].tolist()  # label order
+    counts = manifest.pivot_table(index="class", columns="split", values="sha256", aggfunc="count", fill_value=0)
+    counts = counts.reindex(index=order, columns=list(SPLITS), fill_value=0)
+    table = counts.reset_index().rename_axis(columns=None)
+    train = manifest[manifest["split"] == "train"]
+    for family, cfg in configs.items():
+        balanced = balance(train, mode=cfg.balance.mode, samples_per_class=cfg.balance.samples_per_class,
+                           seed=cfg.seed)["class"].value_counts()
+        table[f"train balanced: {family}"] = [int(balanced.get(c, 0)) for c in table["class"]]
+    return table

@@ -1,0 +1,182 @@
+"""Retest a family's chosen configuration: retrain it with several seeds on the same split, test each once.
+
+    configs = seed_configs(cfg, 3, uri=uri, experiment="carclf", model="svm_rbf")   # seeds cfg.seed, +1, +2
+    retest_family(FamilyRetest("svm_rbf", run_id, trial_id, 0.91, cfg), configs, client=client,
+                  report_run_id=report_run_id, info=info)
+
+Only `cfg.seed` changes between retests; the split stays the trial's. The first retest runs with
+the trial's own seed and, on a CPU, the trial's thread count (float sums depend on it), so that it
+repeats the trial. Every retest is an MLflow child run of the report run. Models are compared only
+when every retest was tested on the same images (the hash of the test split's content and labels,
+`manifest_test_hash`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from carclf.config import RunConfig, validate_run_config
+from carclf.errors import CarclfError, SweepError
+from carclf.report.selection import ROLE_TAG, SWEEP_MODEL_TAG, SWEEP_TAG, SweepInfo
+
+log = logging.getLogger(__name__)
+
+REPORT_RUN_TAG = "carclf.report_run_id"
+SOURCE_TRIAL_TAG = "carclf.source_trial_run_id"
+REPRESENTATIVE_TAG = "carclf.representative"
+TEST_HASH_TAG = "carclf.test_manifest_hash"
+SEED_INDEX_TAG = "carclf.retest_seed_index"
+MANIFEST_ARTIFACT = "data/manifest.parquet"
+
+
+@dataclass
+class SeedRun:
+    """One retest: a retrained configuration evaluated on the test split."""
+
+    run_id: str | None
+    seed: int
+    y_true: np.ndarray
+    pred: np.ndarray
+    test_metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    train_seconds: float
+    infer_seconds_per_image: float
+    n_params: int
+    size_mb: float
+    classes: list[str]
+    test_hash: str = ""
+
+
+@dataclass
+class FamilyRetest:
+    """All retests of one model family's chosen configuration."""
+
+    model: str
+    trial_run_id: str
+    trial_id: str
+    val_metric: float
+    config: RunConfig
+    runs: list[SeedRun] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    threads: int | None = None  # the CPU threads the trial trained with; its own seed's retest uses as many
+
+    @property
+    def representative(self) -> SeedRun | None:
+        """The first successful seed (seed index 0 is the trial's own seed); never picked by test figures."""
+        return self.runs[0] if self.runs else None
+
+    @property
+    def preds(self) -> np.ndarray:
+        return np.stack([r.pred for r in self.runs])
+
+
+def seed_configs(cfg: RunConfig, n_seeds: int, *, uri: str, experiment: str, model: str) -> list[RunConfig]:
+    """The retest configs: same settings and split, seeds cfg.seed, cfg.seed+1, ..."""
+    out = []
+    for i in range(n_seeds):
+        seed = cfg.seed + i
+        tracking = cfg.tracking.model_copy(update={"uri": uri, "experiment": experiment, "log_model": True,
+                                                   "run_name": f"retest-{model}-seed{seed}"})
+        out.append(validate_run_config({**cfg.to_dict(), "seed": seed, "tracking": tracking.model_dump(mode="json")},
+                                       "retest config"))
+    return out
+
+
+def manifest_test_hash(manifest: pd.DataFrame) -> str:
+    """A hash of the test split's (image content, class) pairs: equal hashes mean the same test images
+    with the same labels, wherever the files lie (paths are left out on purpose)."""
+    test = manifest.loc[manifest["split"] == "test", ["sha256", "class"]].astype(str)
+    lines = sorted(test["sha256"] + "\t" + test["class"])
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def run_manifest(client, run_id: str) -> pd.DataFrame:
+    """The split manifest a run logged (run_experiment logs it at MANIFEST_ARTIFACT)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_parquet(client.download_artifacts(run_id, MANIFEST_ARTIFACT, tmp))
+
+
+def run_test_hash(client, run_id: str) -> str:
+    """The test-split hash of the manifest a run logged."""
+    return manifest_test_hash(run_manifest(client, run_id))
+
+
+def _seed_run(result, test_hash: str) -> SeedRun:
+    if result.y_test is None or result.pred_test is None:
+        raise SweepError(f"retest run {result.run_id} has no test predictions")
+    return SeedRun(run_id=result.run_id, seed=result.config.seed, y_true=np.asarray(result.y_test),
+                   pred=np.asarray(result.pred_test), test_metrics=dict(result.test_metrics or {}),
+                   val_metrics=dict(result.val_metrics or {}), train_seconds=float(result.train_seconds),
+                   infer_seconds_per_image=float(result.infer_seconds_per_image), n_params=int(result.n_params),
+                   size_mb=float(result.size_mb), classes=list(result.classes), test_hash=test_hash)
+
+
+def retest_family(family: FamilyRetest, configs: list[RunConfig], *, client, report_run_id: str,
+                  info: SweepInfo, progress: bool = False) -> FamilyRetest:
+    """Retrain and test one family once per config; a failed seed is recorded, the others go on."""
+    from carclf.experiment import run_experiment
+
+    for i, cfg in enumerate(configs):
+        tags = {ROLE_TAG: "retest", SWEEP_TAG: info.name, REPORT_RUN_TAG: report_run_id, SWEEP_MODEL_TAG: family.model,
+                SOURCE_TRIAL_TAG: family.trial_run_id, SEED_INDEX_TAG: i}
+        try:
+            # the first seed is the trial's own: on the trial's thread count it reproduces the trial;
+            # the other seeds are new draws and use every core
+            with torch_threads(family.threads if i == 0 else None):
+                result = run_experiment(cfg, parent_run_id=report_run_id, tags=tags, evaluate_test=True,
+                                        log_model=True, progress=progress)
+            family.runs.append(_seed_run(result, run_test_hash(client, result.run_id)))
+        except (CarclfError, RuntimeError, ValueError, OSError) as e:
+            log.error("retest of %s with seed %d failed: %s", family.model, cfg.seed, e)
+            family.errors.append(f"seed {cfg.seed}: {type(e).__name__}: {e}")
+    return family
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch uses `n` CPU threads in the block (None: as it is). A network's float sums on a CPU depend on
+    the thread count, so a retest with the trial's seed reproduces the trial only with the trial's threads
+    (a Ray trial gets as many as its CPUs, `carclf report` all of the machine's)."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def trial_threads(client, run_id: str) -> int | None:
+    """The CPU threads a trial run trained with (its carclf.torch_threads tag), if it recorded them."""
+    from carclf.experiment import THREADS_TAG
+
+    value = client.get_run(run_id).data.tags.get(THREADS_TAG, "")
+    return int(value) if value.isdigit() else None
+
+
+def check_same_test_split(families: list[FamilyRetest]) -> str:
+    """The one test-split hash every retest shares; SweepError if any run was tested on other images."""
+    hashes = {(f.model, r.seed): r.test_hash for f in families for r in f.runs}
+    distinct = set(hashes.values())
+    if len(distinct) > 1:
+        shown = ", ".join(f"{m} seed {s}: {h[:12]}" for (m, s), h in sorted(hashes.items()))
+        raise SweepError(f"retests were tested on different images (test manifests differ: {shown}); "
+                         "models can only be compared on one test split")
+    reference = next((r.y_true for f in families for r in f.runs), None)
+    for f in families:
+        for r in f.runs:
+            if not np.array_equal(r.y_true, reference):
+                raise SweepError(f"{f.model} seed {r.seed}: test labels are in a different order")
+    return distinct.pop() if distinct else ""

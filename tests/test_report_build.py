@@ -1,0 +1,173 @@
+"""Report, the whole: a real (tiny) sweep retested and compared, its files and MLflow run, and what it leaves out."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from carclf.errors import SweepError
+from carclf.report.selection import select_best
+from report_samples import sample_family, sample_info, sample_trials
+from tiny_sweep import sweeps  # noqa: F401 - fixture
+
+
+def _client(sweeps):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{sweeps.root / 'mlflow.db'}")
+
+
+def _test_manifest(client, run_id) -> pd.DataFrame:
+    import tempfile
+
+    from carclf.report.retest import MANIFEST_ARTIFACT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = pd.read_parquet(client.download_artifacts(run_id, MANIFEST_ARTIFACT, tmp))
+    return manifest[manifest["split"] == "test"].reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_report_retests_the_best_validation_trial_per_model(sweeps):
+    client, report = _client(sweeps), sweeps.good
+    finals = sweeps.finals["good"]  # final val macro-F1 per finished trial, as run_experiment computed it
+    trials = [client.get_run(r) for r in finals]
+    for fam in report.families:
+        mine = [t.info.run_id for t in trials if t.data.tags["carclf.sweep_model"] == fam.model]
+        best = max(mine, key=finals.get)
+        assert fam.trial_run_id == best
+        assert fam.val_metric == pytest.approx(finals[best])
+        trial_cfg = fam.config
+        for i, run in enumerate(fam.runs):
+            retest = client.get_run(run.run_id)
+            assert retest.data.tags["mlflow.parentRunId"] == report.report_run_id
+            assert retest.data.tags["carclf.role"] == "retest" and retest.data.tags["carclf.sweep_model"] == fam.model
+            assert retest.data.tags["carclf.model"] == trial_cfg.model.name  # svm_rbf's model is svm
+            assert retest.data.tags["carclf.representative"] == ("true" if i == 0 else "false")
+            assert int(retest.data.params["seed"]) == trial_cfg.seed + i  # seeds vary ...
+            assert retest.data.params["split.seed"] == str(trial_cfg.split.seed)  # ... the split does not
+    assert sorted(f.model for f in report.families) == ["simple_cnn", "svm_rbf"]
+    assert any("alexnet: no finished trial" in p for p in report.problems)
+
+
+@pytest.mark.slow
+def test_report_figures_come_from_the_test_split_only(sweeps):
+    client, report = _client(sweeps), sweeps.good
+    table = report.table.set_index("model")
+    for fam in report.families:
+        accuracies = []
+        for run in fam.runs:
+            test = _test_manifest(client, run.run_id)
+            assert np.array_equal(run.y_true, test["label"].to_numpy())  # exactly the test images, in order
+            logged = client.get_run(run.run_id).data.metrics
+            assert logged["test_accuracy"] == pytest.approx(np.mean(run.pred == run.y_true))
+            accuracies.append(logged["test_accuracy"])
+        assert table.loc[fam.model, "test_accuracy"] == pytest.approx(np.mean(accuracies))
+        assert table.loc[fam.model, "val_f1_macro"] == fam.val_metric  # the trial's validation figure
+    hashes = {r.test_hash for f in report.families for r in f.runs}
+    assert len(hashes) == 1
+
+
+@pytest.mark.slow
+def test_report_files_html_and_mlflow_run(sweeps):
+    client, report = _client(sweeps), sweeps.good
+    out = sweeps.root / "results" / "good" / "report"
+    assert report.out_dir == out
+    table = pd.read_parquet(out / "comparison.parquet")
+    assert table["model"].tolist() == ["simple_cnn", "svm_rbf"]
+    for column in ("configuration", "val_f1_macro", "test_accuracy_ci_low", "test_f1_macro_ci_high",
+                   "test_precision_macro", "test_recall_macro", "train_seconds", "infer_ms_per_image",
+                   "n_params", "size_mb"):
+        assert table[column].notna().all(), column
+    pd.testing.assert_frame_equal(pd.read_csv(out / "comparison.csv")[["model"]], table[["model"]])
+    page = (out / "report.html").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["class_frequency.png", "confusion_simple_cnn.png", "confusion_svm_rbf.png", "metrics.png"]
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == len(pngs)
+    assert "simple_cnn" in page and "Left out of the comparison" in page and "FAILED" in page
+    assert "<h2>Images per class and split</h2>" in page  # the class-frequency chart
+    split_counts = pd.read_csv(out / "split_counts.csv").set_index("class")
+    test = _test_manifest(client, report.families[0].runs[0].run_id)["class"].value_counts()
+    assert split_counts["test"].to_dict() == test.to_dict()
+    assert {"train balanced: simple_cnn", "train balanced: svm_rbf"} <= set(split_counts.columns)
+    run = client.get_run(report.report_run_id)
+    parent_id = json.loads((sweeps.root / "results" / "good" / "sweep.json").read_text())["parent_run_id"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["carclf.role"] == "report" and run.data.tags["carclf.sweep"] == "good"
+    assert run.data.tags["carclf.sweep_parent_run_id"] == parent_id
+    assert "mlflow.parentRunId" not in run.data.tags  # not a child: a resumed sweep would take it for a trial
+    logged = {a.path for a in client.list_artifacts(report.report_run_id, "report")}
+    assert {"report/report.html", "report/comparison.parquet", "report/metrics.png",
+            "report/class_frequency.png"} <= logged
+
+
+@pytest.mark.slow
+def test_report_names_the_winner_on_the_page_in_the_summary_and_on_its_run(sweeps):
+    client, report = _client(sweeps), sweeps.good
+    out = sweeps.root / "results" / "good" / "report"
+    table = report.table.set_index("model")
+    best = table["test_f1_macro"].idxmax()  # the selection metric's test counterpart, mean over seeds
+    assert report.winner["model"] == best and report.winner["runner_up"] in table.index
+    assert report.winner["value"] == pytest.approx(table.loc[best, "test_f1_macro"])
+    page = (out / "report.html").read_text()
+    assert f"Winner: {best}, test_f1_macro {table.loc[best, 'test_f1_macro']:.3f}" in page
+    assert ("The difference is significant" in page) == report.winner["significant"]
+    assert json.loads((out / "report.json").read_text())["winner"]["model"] == best
+    run = client.get_run(report.report_run_id)
+    assert run.data.tags["carclf.winner"] == best and run.data.tags["mlflow.note.content"].startswith("Winner:")
+
+
+@pytest.mark.slow
+def test_report_files_follow_the_umask_like_any_file_the_user_creates(sweeps, tmp_path, monkeypatch):
+    import os
+
+    from carclf.report.build import write_outputs
+
+    old = os.umask(0o027)
+    try:
+        files = write_outputs(tmp_path / "r", {"table_csv": sweeps.good.table, "html": "<html></html>",
+                                               "confusion_svm_rbf": b"png"})
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files.values()} == {
+        "comparison.csv": 0o640, "report.html": 0o640, "confusion_svm_rbf.png": 0o640}
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_problems_name_an_interrupted_sweep_failed_and_unretested_models_and_early_stops_are_remarks(tmp_path):
+    from carclf.report.build import _problems, _remarks
+
+    trials = sample_trials().assign(status=["FINISHED", "FINISHED", "FAILED", "FINISHED", "RUNNING", "STOPPED_EARLY"])
+    best = select_best(trials, "val_f1_macro", "max")
+    broken = sample_family("svm", 0.1, seeds=1)
+    broken.errors.append("seed 1: DataError: gone")
+    notes = _problems(sample_info(tmp_path), trials, best, [broken], parent_status="KILLED")
+    text = "\n".join(notes)
+    assert "parent run is KILLED" in text and "interrupted" in text
+    assert "2 of 6 trials did not finish with val_f1_macro (1 FAILED, 1 RUNNING)" in text
+    assert "alexnet: no finished trial, not retested" in text and "svm: retest failed (seed 1: DataError: gone)" in text
+    assert "stopped early" not in text  # the scheduler doing its job is no problem ...
+    [remark] = _remarks(sample_info(tmp_path), trials)  # ... it is said in neutral words
+    assert remark.startswith("Stopped early by the scheduler: 1 of 6 trials")
+    assert _remarks(sample_info(tmp_path), trials[trials["status"] != "STOPPED_EARLY"]) == []
+
+
+def test_report_on_a_sweep_without_finished_trials_says_so(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from carclf.report.build import build_report
+    from tiny_sweep import write_sweep_json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
+    client = MlflowClient(uri)
+    exp = client.create_experiment("carclf", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, tags={"carclf.role": "sweep", "carclf.sweep": "empty"}).info.run_id
+    failed = client.create_run(exp, tags={"carclf.role": "trial", "carclf.sweep": "empty", "mlflow.parentRunId": parent,
+                                          "carclf.trial_id": "t0", "carclf.model": "svm"}).info.run_id
+    client.set_terminated(failed, "FAILED")
+    write_sweep_json(tmp_path, "empty", parent, uri)
+    with pytest.raises(SweepError, match=r"sweep 'empty': no finished trial with val_f1_macro \(1 trial runs found\)"):
+        build_report("empty", seeds=1)

@@ -1,0 +1,96 @@
+"""Report, retests: seeds vary and the split does not, a failed seed is recorded, the test split's hash."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from carclf.config import RunConfig
+from carclf.report.retest import FamilyRetest
+from report_samples import CLASSES, sample_info
+
+
+def test_test_split_hash_ignores_paths_and_other_splits_but_not_labels():
+    from carclf.report.retest import manifest_test_hash
+
+    m = pd.DataFrame({"path": ["/a/1.jpg", "/a/2.jpg", "/a/3.jpg"], "sha256": ["s1", "s2", "s3"],
+                      "class": ["bus", "van", "bus"], "split": ["test", "test", "train"]})
+    moved = m.assign(path=m["path"].str.replace("/a/", "/elsewhere/"))[::-1]
+    assert manifest_test_hash(moved) == manifest_test_hash(m)
+    assert manifest_test_hash(m.assign(split=["test", "test", "test"])) != manifest_test_hash(m)
+    assert manifest_test_hash(m.assign(**{"class": ["van", "van", "bus"]})) != manifest_test_hash(m)
+
+
+def test_a_failed_retest_seed_is_recorded_and_the_others_go_on(monkeypatch, tmp_path):
+    import carclf.experiment
+    import carclf.report.retest as report
+    from types import SimpleNamespace
+
+    from carclf.errors import DataError
+
+    def fake_run(cfg, **kw):
+        if cfg.seed == 1:
+            raise DataError("images vanished")
+        y = np.array([0, 1, 2, 0])
+        return SimpleNamespace(run_id=f"run-{cfg.seed}", config=cfg, y_test=y, pred_test=y, test_metrics={},
+                               val_metrics={}, train_seconds=1.0, infer_seconds_per_image=0.1, n_params=1,
+                               size_mb=0.1, classes=CLASSES)
+
+    monkeypatch.setattr(carclf.experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(report, "run_test_hash", lambda client, run_id: "h")
+    cfg = RunConfig(model={"name": "simple_cnn"})
+    fam = FamilyRetest("simple_cnn", "trial", "t", 0.5, cfg)
+    configs = report.seed_configs(cfg, 3, uri="sqlite:///x.db", experiment="carclf", model="simple_cnn")
+    assert [c.seed for c in configs] == [0, 1, 2] and {c.split.seed for c in configs} == {cfg.split.seed}
+    report.retest_family(fam, configs, client=None, report_run_id="r", info=sample_info(tmp_path))
+    assert [r.run_id for r in fam.runs] == ["run-0", "run-2"] and fam.representative.run_id == "run-0"
+    assert fam.errors == ["seed 1: DataError: images vanished"]
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    import torch
+
+    from carclf.report.retest import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+@pytest.mark.slow
+def test_a_retest_with_the_trials_seed_reproduces_the_trial_on_cpu(tracked, tmp_path):
+    """The network trial trains as a one-CPU Ray trial does (one torch thread, augmented oversampling); the
+    report's first retest, the trial's seed, must repeat its training curve and validation figure exactly,
+    though the report's own process may use more threads."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from carclf.config import validate_run_config
+    from carclf.demo import make_demo
+    from carclf.experiment import run_experiment
+    from carclf.report.retest import retest_family, seed_configs, torch_threads, trial_threads
+
+    make_demo(tmp_path / "demo", n_images=150, size=64, seed=0)
+    cfg = validate_run_config({
+        "data": {"path": str(tmp_path / "demo"), "image_size": 48, "min_images": 2},
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "balance": {"mode": "both"}, "augment": {"strength": 0.5},
+        "model": {"name": "simple_cnn", "weights": "none"}, "seed": 3,
+        "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "device": "cpu", "amp": False, "num_workers": 0},
+        "tracking": {"uri": tracked, "experiment": "carclf"}})
+    with torch_threads(1):
+        trial = run_experiment(cfg, tags={"carclf.role": "trial"}, log_model=False)
+    client = MlflowClient(tracked)
+    assert trial_threads(client, trial.run_id) == 1
+    report = client.create_run(client.get_run(trial.run_id).info.experiment_id).info.run_id
+    family = FamilyRetest("simple_cnn", trial.run_id, "t0", trial.val_metrics["f1_macro"], cfg,
+                          threads=trial_threads(client, trial.run_id))
+    configs = seed_configs(cfg, 1, uri=tracked, experiment="carclf", model="simple_cnn")
+    with torch_threads(max(2, torch.get_num_threads())):  # the report's process: every core
+        retest_family(family, configs, client=client, report_run_id=report, info=sample_info(tmp_path))
+    [retest] = family.runs
+    curve = {r: [m.value for m in sorted(client.get_metric_history(r, "epoch_train_loss"), key=lambda m: m.step)]
+             for r in (trial.run_id, retest.run_id)}
+    assert curve[retest.run_id] == curve[trial.run_id] and len(curve[trial.run_id]) == 3
+    assert retest.val_metrics["f1_macro"] == trial.val_metrics["f1_macro"]
