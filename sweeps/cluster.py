@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 from carclf.errors import SweepError, TrackingError
+from carclf.redact import redact, strip_credentials
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def run_checks(checks: list[tuple]) -> list[str]:
     for kind, what, *args in checks:
         problem = _CHECKS[kind](*args)
         if problem:
-            problems.append(f"{what} {args[0]}: {problem}")
+            problems.append(redact(f"{what} {args[0]}: {problem}"))
     return problems
 
 
@@ -221,7 +222,7 @@ def _check_marker(path: str, text: str) -> str | None:
 
 def _check_http(url: str) -> str | None:
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as r:
+        with urllib.request.urlopen(strip_credentials(url).rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as r:
             return None if r.status == 200 else f"answered /health with HTTP {r.status}"
     except (urllib.error.URLError, OSError, ValueError) as e:
         return f"unreachable from here ({getattr(e, 'reason', e)})"
@@ -288,10 +289,11 @@ def check_tracking_uri(uri: str, cluster: ClusterView) -> str:
         uri = uri.rstrip("/")
         problem = _check_http(uri)
         if problem:
-            raise TrackingError(f"MLflow tracking server {uri} is {problem.replace(' from here', '')}; {_TRACKING_HINT}")
+            raise TrackingError(f"MLflow tracking server {redact(uri)} is {problem.replace(' from here', '')}; "
+                                f"{_TRACKING_HINT}")
         host = urlparse(uri).hostname or ""
         if not cluster.all_local and _is_loopback_host(host):
-            raise SweepError(f"tracking URI {uri} is this machine's loopback, which other nodes cannot reach; "
+            raise SweepError(f"tracking URI {redact(uri)} is this machine's loopback, which other nodes cannot reach; "
                              + _TRACKING_HINT)
         if cluster.remote_nodes:
             _raise_problems(cluster.probe_all([("http", "tracking server", uri)]), TrackingError, _TRACKING_HINT)
@@ -299,7 +301,7 @@ def check_tracking_uri(uri: str, cluster: ClusterView) -> str:
     if cluster.all_local:
         return uri  # a local store: the runner puts a loopback server in front of sqlite for its trials
     where = f"{len(cluster.remote_nodes)} remote node(s)" if cluster.remote_nodes else "nodes the autoscaler may add"
-    raise SweepError(f"tracking URI {uri} is a store on this machine, which {where} cannot write to; "
+    raise SweepError(f"tracking URI {redact(uri)} is a store on this machine, which {where} cannot write to; "
                      + _TRACKING_HINT)
 
 

@@ -5,16 +5,23 @@
     cfg = spec.run_config(params)                   # a carclf RunConfig for that trial
 
 A parameter is a constant (`epochs: 3`), a list of choices (`{choices: [16, 32]}`) or a range
-(`{low: 1e-4, high: 1e-2, log: true}`; integer bounds give an integer range).
+(`{low: 1e-4, high: 1e-2, log: true}`; integer bounds give an integer range). An SVM entry may
+search its backbone (`backbone: {choices: [mobilenet_v2, resnet18]}`).
+
+One objective (`metric: val_f1_macro`, `mode: max`) or two (`metric: [val_f1_macro, infer_ms_per_img]`,
+`mode: [max, min]`; the second may also be `size_mb` or another validation metric): Optuna then
+searches for the Pareto front, while ASHA, the running best, the report's selection and promote
+keep to the first.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from carclf.config import (ConfigError, RunConfig, deep_merge, format_validation_error, read_yaml, set_dotted,
                            validate_run_config)
@@ -22,6 +29,10 @@ from carclf.config import (ConfigError, RunConfig, deep_merge, format_validation
 # Metrics every trial reports on the validation split, each epoch (networks) and at the end.
 METRICS = ("val_accuracy", "val_balanced_accuracy", "val_f1_macro", "val_precision_macro", "val_recall_macro",
            "val_f1_weighted", "val_precision_weighted", "val_recall_weighted")
+# What else a trial reports at its end and a sweep may optimise as a further objective, with the usual direction:
+# inference time per image on the validation split (ms), and the model's size (MB, backbone included).
+COST_METRICS = {"infer_ms_per_img": "min", "size_mb": "min"}
+MAX_OBJECTIVES = 2
 
 
 class _Strict(BaseModel):
@@ -100,8 +111,32 @@ class GammaRange(FloatRange):
         return super().candidates() + (["scale"] if self.scale else [])
 
 
-FloatParam = Union[FloatRange, Choice, float]
-IntParam = Union[IntRange, Choice, int]
+def _form(value) -> str:
+    """How a parameter is written: a mapping with `choices`, another mapping (a range), or a constant.
+
+    Validating only that branch of the union makes the error name the real problem ("low must be below
+    high") instead of one complaint per branch ("Input should be a valid number").
+    """
+    if isinstance(value, Choice) or (isinstance(value, dict) and "choices" in value):
+        return "<choices>"
+    return "<a range>" if isinstance(value, (dict, FloatRange, IntRange)) else "<a constant>"
+
+
+def _choice_form(value) -> str:
+    """The same for a parameter that has no range: every mapping is a list of choices."""
+    return "<choices>" if isinstance(value, (dict, Choice)) else "<a constant>"
+
+
+def _param(constant, ranged=None):
+    """A constant, a Choice or (if `ranged` is given) a range, told apart by the value's form."""
+    branches = [Annotated[Choice, Tag("<choices>")], Annotated[constant, Tag("<a constant>")]]
+    if ranged is not None:
+        branches.insert(0, Annotated[ranged, Tag("<a range>")])
+    return Annotated[Union[tuple(branches)], Discriminator(_form if ranged is not None else _choice_form)]
+
+
+FloatParam = _param(float, FloatRange)
+IntParam = _param(int, IntRange)
 
 
 def _is_searched(p) -> bool:
@@ -143,21 +178,25 @@ class NetworkSpace(_Space):
     lr: FloatParam | None = FloatRange(low=1e-4, high=1e-2, log=True)
     epochs: IntParam | None = None
     batch_size: IntParam | None = None
-    finetune: Union[Choice, Literal["head", "full"], None] = None
+    finetune: _param(Literal["head", "full"]) | None = None
     weight_decay: FloatParam | None = None
-    optimizer: Union[Choice, Literal["adamw", "sgd"], None] = None
+    optimizer: _param(Literal["adamw", "sgd"]) | None = None
 
 
 class SVMSpace(_Space):
-    FIELDS: ClassVar[dict[str, str]] = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma", **_SHARED}
-    kernel: Union[Choice, Literal["linear", "rbf"], None] = None
+    FIELDS: ClassVar[dict[str, str]] = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma",
+                                        "backbone": "svm.backbone", **_SHARED}
+    kernel: _param(Literal["linear", "rbf"]) | None = None
+    # A searched backbone: each one's features are extracted once and shared by every trial that picks it.
+    backbone: _param(str) | None = None
     C: FloatParam | None = FloatRange(low=0.01, high=100.0, log=True)
-    gamma: Union[GammaRange, Choice, Literal["scale"], float, None] = None  # only used by rbf trials
+    gamma: _param(Union[Literal["scale"], float], GammaRange) | None = None  # only used by rbf trials
 
 
 class Resources(_Strict):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)  # fractions pack several small trials on one GPU
+    memory_gb: float = Field(default=0.0, ge=0)  # Ray's `memory` resource (GiB) a trial reserves; 0: none
 
     @field_validator("gpu")
     @classmethod
@@ -167,7 +206,8 @@ class Resources(_Strict):
         return v
 
     def as_ray(self) -> dict[str, float]:
-        return {"CPU": self.cpu, "GPU": self.gpu} if self.gpu else {"CPU": self.cpu}
+        bundle = {"CPU": self.cpu, "GPU": self.gpu, "memory": float(round(self.memory_gb * 1024 ** 3))}
+        return {k: v for k, v in bundle.items() if v or k == "CPU"}
 
 
 class ModelEntry(_Strict):
@@ -191,14 +231,23 @@ class Seeds(_Strict):
     run: int = 0  # RunConfig.seed of every trial (split, init, augmentation)
 
 
+class Objective(_Strict):
+    name: str
+    mode: Literal["max", "min"]
+
+
 class SweepSpec(_Strict):
     name: str | None = None  # default: the file's stem
     description: str = ""
     base: dict[str, Any] = {}  # a RunConfig (data, split, balance, ...) shared by all trials
     models: dict[str, ModelEntry] = Field(min_length=1)
     space: SharedSpace = SharedSpace()
+    # The first objective: ASHA, the running best, the report's selection and promote use it.
     metric: str = "val_f1_macro"
     mode: Literal["max", "min"] = "max"
+    # Every objective, first = (metric, mode), when the file names several (`metric: [a, b]`, `mode: [max, min]`);
+    # empty for a single objective.
+    objectives: tuple[Objective, ...] = ()
     num_samples: int = Field(default=8, ge=1)
     max_concurrent_trials: int = Field(default=2, ge=1)
     time_budget_s: float | None = Field(default=None, gt=0)
@@ -209,12 +258,58 @@ class SweepSpec(_Strict):
     tracking_server: Literal["auto", "always", "never"] = "auto"  # auto: a server when the store is local sqlite
     warm_cache: bool = True  # decode every image once on the driver before trials start
 
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_lists(cls, data: Any) -> Any:
+        """`metric: [a, b]` with `mode: [max, min]` become metric a, mode max and the objectives (a, max), (b, min)."""
+        if not isinstance(data, dict) or not isinstance(data.get("metric"), list):
+            if isinstance(data, dict) and isinstance(data.get("mode"), list):
+                raise ValueError("mode is a list, so metric must be a list of the same length")
+            return data
+        names, modes = data["metric"], data.get("mode")
+        if not isinstance(modes, list) or len(modes) != len(names):
+            raise ValueError(f"metric lists {len(names)} objectives: mode must list a direction (max or min) for each, "
+                             f"e.g. mode: [max, min]; got {modes!r}")
+        if not 1 <= len(names) <= MAX_OBJECTIVES:
+            raise ValueError(f"metric may list 1 to {MAX_OBJECTIVES} objectives, got {len(names)}")
+        out = {**data, "metric": names[0], "mode": modes[0]}
+        if len(names) > 1:
+            out["objectives"] = [{"name": n, "mode": m} for n, m in zip(names, modes)]
+        return out
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        from carclf.errors import SweepError
+        from carclf.paths import check_sweep_name
+
+        try:
+            return v if v is None else check_sweep_name(v, "name")
+        except SweepError as e:
+            raise ValueError(str(e)) from None
+
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
         if v not in METRICS:
             raise ValueError(f"unknown metric {v!r}; allowed: {', '.join(METRICS)}")
         return v
+
+    @model_validator(mode="after")
+    def _known_objectives(self) -> "SweepSpec":
+        if not self.objectives:
+            return self
+        first = self.objectives[0]
+        if (first.name, first.mode) != (self.metric, self.mode):
+            raise ValueError(f"objectives must start with the metric ({self.metric}, {self.mode})")
+        names = [o.name for o in self.objectives]
+        allowed = (*METRICS, *COST_METRICS)
+        for name in names[1:]:
+            if name not in allowed:
+                raise ValueError(f"metric: unknown objective {name!r}; allowed: {', '.join(allowed)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"metric: objectives must be distinct, got {names}")
+        return self
 
     @field_validator("models")
     @classmethod
@@ -225,6 +320,19 @@ class SweepSpec(_Strict):
         return v
 
     # ------------------------------------------------------------------ derived, after validation
+
+    @property
+    def objective_names(self) -> list[str]:
+        """Every objective's name, first the metric: what each trial reports to Tune at its end."""
+        return [o.name for o in self.objectives] or [self.metric]
+
+    @property
+    def objective_modes(self) -> list[str]:
+        return [o.mode for o in self.objectives] or [self.mode]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     def model_name(self, key: str) -> str:
         return self.models[key].model or key
@@ -256,16 +364,20 @@ class SweepSpec(_Strict):
         cfg = deep_merge(copy.deepcopy(self.base), copy.deepcopy(self.models[key].config))
         return deep_merge(cfg, {"model": {"name": self.model_name(key)}, "seed": self.seeds.run})
 
-    def max_epochs(self) -> int:
-        """The most epochs a network trial can run: ASHA's max_t unless the file sets it."""
-        epochs = []
+    def network_epochs(self) -> dict[str, int]:
+        """The most epochs each network family's trials can run."""
+        out = {}
         for key in self.models:
             if self.is_network(key):
                 p = self.model_space(key).epochs
                 if p is None:
                     p = validate_run_config(self.base_config(key)).train.epochs
-                epochs += [int(x) for x in _candidates(p)]
-        return max(epochs, default=1)
+                out[key] = max(int(x) for x in _candidates(p))
+        return out
+
+    def max_epochs(self) -> int:
+        """The most epochs a network trial can run: ASHA's max_t unless the file sets it."""
+        return max(self.network_epochs().values(), default=1)
 
     def space_fn(self) -> "SearchSpace":
         return SearchSpace(self)
@@ -324,6 +436,7 @@ def _check_model(spec: SweepSpec, key: str, source: str) -> None:
         allowed = ", ".join(kind.FIELDS)
         msg = format_validation_error(e, f"{source}: {where}.space ({base.model.name} is searched over: {allowed})")
         raise ConfigError(msg.replace("\n  ", f"\n  {where}.space.")) from None
+    _check_image_size(base, key, source)
     fields = {**kind.FIELDS}
     for field, p in {**spec.space.params(), **space.params()}.items():
         for value in _candidates(p):
@@ -337,6 +450,36 @@ def _check_model(spec: SweepSpec, key: str, source: str) -> None:
                 raise ConfigError(f"invalid {source}:\n  {origin}: {value!r} is not allowed for {key} ({detail})") from None
 
 
+def _check_image_size(cfg: RunConfig, key: str, source: str) -> None:
+    """The family's images must be large enough for its network (an SVM: for its feature backbone)."""
+    from carclf.models import min_image_size
+
+    field, net = ("svm.backbone", cfg.svm.backbone) if cfg.is_svm else ("model", cfg.model.name)
+    try:
+        need = min_image_size(net)
+    except ConfigError as e:
+        raise ConfigError(f"invalid {source}:\n  models.{key}: {field}: {e}") from None
+    if cfg.data.image_size < need:
+        raise ConfigError(f"invalid {source}:\n  models.{key}: data.image_size {cfg.data.image_size} is below the "
+                          f"minimum of {net} ({need} px); set base.data.image_size (or models.{key}.config.data."
+                          f"image_size) to at least {need}")
+
+
+def _check_scheduler(spec: SweepSpec, source: str) -> None:
+    """ASHA's grace period must fit in the epochs a network trial runs (Ray asserts it once started)."""
+    epochs = spec.network_epochs()
+    if spec.scheduler is None or not epochs:
+        return
+    grace, max_t = spec.scheduler.grace_period, spec.scheduler.max_t
+    if max_t is not None and grace > max_t:
+        raise ConfigError(f"invalid {source}:\n  scheduler.grace_period: {grace} exceeds scheduler.max_t {max_t}")
+    if max_t is None and grace > max(epochs.values()):
+        runs = ", ".join(f"{key}: {n}" for key, n in epochs.items())
+        raise ConfigError(f"invalid {source}:\n  scheduler.grace_period: {grace} is above the most epochs any network "
+                          f"trial runs ({runs}); lower scheduler.grace_period to at most {max(epochs.values())}, or "
+                          "raise train.epochs (or the models' space.epochs)")
+
+
 def validate_sweep_spec(data: dict[str, Any], source: str = "sweep") -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(data)
@@ -348,10 +491,7 @@ def validate_sweep_spec(data: dict[str, Any], source: str = "sweep") -> SweepSpe
         raise ConfigError(str(e).replace("\n  ", "\n  base.")) from None
     for key in spec.models:
         _check_model(spec, key, source)
-    if spec.scheduler is not None and spec.scheduler.max_t is not None:
-        if spec.scheduler.grace_period > spec.scheduler.max_t:
-            raise ConfigError(f"invalid {source}:\n  scheduler.grace_period: {spec.scheduler.grace_period} "
-                              f"exceeds scheduler.max_t {spec.scheduler.max_t}")
+    _check_scheduler(spec, source)
     return spec
 
 

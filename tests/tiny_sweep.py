@@ -2,7 +2,7 @@
 
 It has what `carclf sweep` leaves behind (spec, issue 4): `results/<name>/sweep.json`, a parent
 MLflow run tagged carclf.role=sweep and one child run per trial made by run_experiment with the
-runner's trial tags, one of them FAILED. Two sweeps share the data, split and database: 'good'
+runner's trial tags and settings (no test split, no model), one of them FAILED. Two sweeps share the data, split and database: 'good'
 (model entry svm_rbf: an SVM on real MobileNetV2 features with two settings; simple_cnn; a failing
 alexnet) and 'bad' (svm_rbf crippled by a tiny C).
 Both are reported once per test process; each test then works on its own copy of the database,
@@ -69,7 +69,8 @@ def make_sweep(name: str, trials: list[tuple[str, object]], *, root: Path, uri: 
             tags = {"carclf.sweep": name, "carclf.role": "trial", "carclf.trial_id": f"{name}_{i:05d}",
                     "carclf.sweep_model": label}
             try:
-                result = run_experiment(cfg, parent_run_id=parent_id, tags=tags)
+                # As the runner's trials: validation only, no model (the report retests and logs models).
+                result = run_experiment(cfg, parent_run_id=parent_id, tags=tags, evaluate_test=False, log_model=False)
                 finals[result.run_id] = result.val_metrics["f1_macro"]
             except Exception:  # noqa: BLE001 - a failed trial is part of the fixture
                 pass
@@ -118,6 +119,19 @@ def tiny_sweeps(tmp_path_factory) -> TinySweeps:
     return _BUILT["built"]
 
 
+def split_paths(client, run_id: str, split: str = "test") -> list[str]:
+    """The images of one split in the order the run's evaluation saw them (its manifest's rows)."""
+    import tempfile
+
+    import pandas as pd
+
+    from carclf.report import MANIFEST_ARTIFACT
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = pd.read_parquet(client.download_artifacts(run_id, MANIFEST_ARTIFACT, tmp))
+    return manifest.loc[manifest["split"] == split, "path"].tolist()
+
+
 def clone(sweeps: TinySweeps, dest: Path, monkeypatch) -> str:
     """A private copy of the database and sweep folders under `dest`; env points there. Returns the URI.
 
@@ -132,6 +146,12 @@ def clone(sweeps: TinySweeps, dest: Path, monkeypatch) -> str:
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(dest))
     monkeypatch.setenv("CARCLF_CACHE_DIR", str(sweeps.cache))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # mlflow.set_tracking_uri / set_registry_uri (called while the sweeps were built) outrank the variable
+    import mlflow
+
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # set_registry_uri exports it to the environment
     return uri
 
 

@@ -1,4 +1,4 @@
-"""Sweeps: the sweep file is checked before anything starts; a sweep leaves one MLflow child run per trial."""
+"""Sweeps with Ray (slow): a sweep leaves one MLflow child run per trial, retries failures, resumes after a kill."""
 
 from __future__ import annotations
 
@@ -12,174 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from carclf.config import ConfigError
-from sweeps.spec import SearchSpace, load_sweep_spec, validate_sweep_spec
-
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
-
-
-# --------------------------------------------------------------------------- the sweep file
-
-
-def _minimal(**over) -> dict:
-    spec = {"base": {"data": {"image_size": 32}},
-            "models": {"simple_cnn": {"space": {"epochs": 2}},
-                       "svm": {"space": {"kernel": {"choices": ["linear", "rbf"]}}}}}
-    spec.update(over)
-    return spec
-
-
-@pytest.mark.parametrize("name", ["quickstart", "toyota", "model10"])
-def test_shipped_sweeps_are_valid(name):
-    spec = load_sweep_spec(SWEEPS / f"{name}.yaml")
-    assert spec.metric == "val_f1_macro" and spec.mode == "max"
-    assert len(spec.models) >= 3
-
-
-def test_toyota_packs_small_trials_on_one_gpu():
-    spec = load_sweep_spec(SWEEPS / "toyota.yaml")
-    assert {spec.model_name(k) for k in spec.models} == {"vgg16", "alexnet", "simple_cnn", "svm"}
-    assert spec.models["vgg16"].resources.gpu == 1
-    assert 0 < spec.models["svm_rbf"].resources.gpu < 1
-
-
-@pytest.mark.parametrize("change, field", [
-    ({"num_sample": 3}, "num_sample"),
-    ({"metric": "val_loss"}, "metric"),
-    ({"max_concurrent_trials": 0}, "max_concurrent_trials"),
-    ({"models": {}}, "models"),
-    ({"models": {"resnet99": {}}}, "models.resnet99"),
-    ({"models": {"svm": {"space": {"lr": 0.1}}}}, "models.svm.space.lr"),
-    ({"models": {"simple_cnn": {"space": {"C": 1.0}}}}, "models.simple_cnn.space.C"),
-    ({"models": {"simple_cnn": {"space": {"lr": {"low": 0.1, "high": 0.01}}}}}, "models.simple_cnn.space.lr"),
-    ({"models": {"simple_cnn": {"space": {"batch_size": {"choices": [8, 0]}}}}}, "models.simple_cnn.space.batch_size"),
-    ({"models": {"simple_cnn": {"resources": {"gpu": 1.5}}}}, "models.simple_cnn.resources.gpu"),
-    ({"base": {"train": {"lr": -1}}}, "base.train.lr"),
-    ({"space": {"augment_strength": {"choices": [0.5, 2.0]}}}, "space.augment_strength"),
-    ({"scheduler": {"grace_period": 0}}, "scheduler.grace_period"),
-])
-def test_bad_sweep_files_are_rejected_naming_the_field(tmp_path, change, field):
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_minimal(**change)))
-    with pytest.raises(ConfigError) as e:
-        load_sweep_spec(path)
-    assert field in str(e.value)
-
-
-def test_missing_sweep_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
-        load_sweep_spec(tmp_path / "nope.yaml")
-
-
-class _Trial:
-    """The part of optuna.Trial a define-by-run space uses, drawing from a seeded generator."""
-
-    def __init__(self, seed):
-        import random
-
-        self.rng, self.params = random.Random(seed), {}
-
-    def suggest_categorical(self, name, choices):
-        return self.params.setdefault(name, self.rng.choice(choices))
-
-    def suggest_float(self, name, low, high, log=False):
-        return self.params.setdefault(name, self.rng.uniform(low, high))
-
-    def suggest_int(self, name, low, high, step=1, log=False):
-        return self.params.setdefault(name, self.rng.randrange(low, high + 1, step))
-
-
-def test_space_is_conditional_on_the_model():
-    spec = validate_sweep_spec(_minimal(models={
-        "cnn": {"model": "simple_cnn", "space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "epochs": 3}},
-        "svm": {"space": {"kernel": {"choices": ["linear", "rbf"]},
-                          "gamma": {"low": 1e-3, "high": 1.0, "log": True}}}},
-        space={"augment_strength": {"choices": [0.0, 0.5]}}))
-    space = SearchSpace(spec)
-    seen = collections.Counter()
-    for seed in range(40):
-        trial = _Trial(seed)
-        params = space(trial)
-        cfg = spec.run_config(params)
-        key = params["model"]
-        names = {n.split(".", 1)[1] for n in params if n != "model"}
-        if key == "cnn":
-            assert names == {"lr", "epochs", "augment_strength"}
-            assert cfg.model.name == "simple_cnn" and cfg.train.lr == params["cnn.lr"] and cfg.train.epochs == 3
-        else:
-            kernel = params["svm.kernel"]
-            assert names == ({"kernel", "C", "augment_strength"} | ({"gamma"} if kernel == "rbf" else set()))
-            assert cfg.svm.kernel == kernel and cfg.svm.C == params["svm.C"]
-        assert cfg.augment.strength == params[f"{key}.augment_strength"]
-        seen[(key, params.get("svm.kernel"))] += 1
-    assert len(seen) == 3  # cnn, linear SVM, RBF SVM all drawn
-
-
-def test_one_trials_parameters_never_leak_into_the_next():
-    spec = validate_sweep_spec(_minimal(base={"data": {"image_size": 32}, "augment": {"strength": 0.0}},
-                                        space={"augment_strength": {"choices": [0.0, 0.3]}},
-                                        models={"simple_cnn": {"space": {"epochs": 2}},
-                                                "svm": {"space": {"augment_strength": 0.0}}}))
-    before = spec.model_dump()
-    spec.run_config({"model": "simple_cnn", "simple_cnn.augment_strength": 0.3, "simple_cnn.lr": 0.05})
-    svm = spec.run_config({"model": "svm", "svm.C": 1.0, "svm.kernel": "rbf", "svm.augment_strength": 0.0})
-    assert svm.augment.strength == 0.0 and svm.train.lr != 0.05
-    assert spec.model_dump() == before
-
-
-def test_seeded_sampler_proposes_the_same_trials():
-    import optuna
-
-    spec = load_sweep_spec(SWEEPS / "quickstart.yaml")
-
-    def proposals(seed):
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-        out = []
-        for i in range(6):
-            trial = study.ask()
-            out.append(SearchSpace(spec)(trial))
-            study.tell(trial, float(i % 3))
-        return out
-
-    assert proposals(3) == proposals(3)
-    assert proposals(3) != proposals(4)
-
-
-def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path):
-    import threading
-    import time
-
-    from sweeps.runner import first_fill_lock
-
-    key = {"svm": {"backbone": "mobilenet_v2"}}
-    order = []
-
-    def trial(name, hold):
-        with first_fill_lock(tmp_path, key):
-            order.append(f"{name} in")
-            time.sleep(hold)
-            order.append(f"{name} out")
-
-    first = threading.Thread(target=trial, args=("first", 0.5))
-    first.start()
-    time.sleep(0.1)
-    trial("second", 0)
-    first.join()
-    assert order == ["first in", "first out", "second in", "second out"]
-    assert len(list((tmp_path / "sweep-locks").glob("*.done"))) == 1
-
-
-def test_first_fill_lock_is_not_marked_done_by_a_failure(tmp_path):
-    from sweeps.runner import first_fill_lock
-
-    with pytest.raises(RuntimeError):
-        with first_fill_lock(tmp_path, {"k": 1}):
-            raise RuntimeError("extraction failed")
-    assert not list((tmp_path / "sweep-locks").glob("*.done"))
-
-
-# --------------------------------------------------------------------------- sweeps with Ray (slow)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +31,7 @@ def _sweep_file(path: Path, data_dir: Path, **over) -> Path:
                  "train": {"device": "cpu", "num_workers": 0, "batch_size": 16, "amp": False},
                  "model": {"weights": "none"},
                  "svm": {"backbone": "simple_cnn", "backbone_weights": "none"},
-                 "tracking": {"experiment": "sweeps", "log_model": False}},
+                 "tracking": {"experiment": "sweeps"}},  # log_model on: trials still log none
         "models": {"simple_cnn": {"space": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "epochs": 2}},
                    "svm_linear": {"model": "svm", "space": {"kernel": "linear"}},
                    "svm_rbf": {"model": "svm", "space": {"kernel": "rbf"}}},
@@ -244,8 +76,12 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, tracked, demo_dir
     for r in runs:
         assert r.info.status == "FINISHED"
         assert r.data.tags["carclf.role"] == "trial" and r.data.tags["carclf.sweep"] == "six"
-        assert {"val_f1_macro", "test_f1_macro"} <= set(r.data.metrics)
-        assert "confusion_val.json" in run_artifacts(r.info.run_id)
+        # A lean trial: validation only (selection never sees the test split) and no model logged.
+        assert "val_f1_macro" in r.data.metrics and not any(k.startswith("test_") for k in r.data.metrics)
+        logged = run_artifacts(r.info.run_id)
+        assert "confusion_val.json" in logged and "confusion_test.json" not in logged
+        assert len(client.search_logged_models([r.info.experiment_id],
+                                                f"source_run_id = '{r.info.run_id}'")) == 0
         assert r.data.params["data.cache_dir"] == os.environ["CARCLF_CACHE_DIR"]
 
     # The table on disk is the returned one and agrees with MLflow, trial by trial.
@@ -257,8 +93,8 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, tracked, demo_dir
         run = by_run[row.mlflow_run_id]
         assert run.data.tags["carclf.trial_id"] == row.trial_id
         assert row.val_f1_macro == pytest.approx(run.data.metrics["val_f1_macro"])
-        assert row.test_f1_macro == pytest.approx(run.data.metrics["test_f1_macro"])
         assert row.status == "completed"
+    assert not [c for c in saved.columns if c.startswith("test_")]
     assert parent.data.metrics["best_val_f1_macro"] == pytest.approx(saved["val_f1_macro"].max())
     assert {"results.csv", "results.parquet", "sweep.yaml", "search_space.json"} <= run_artifacts(parent.info.run_id)
 
@@ -354,3 +190,61 @@ def test_killed_sweep_resumes_with_every_trial_once(tmp_path, demo_dir):
     table = pd.read_csv(tmp_path / "results" / "killed" / "results.csv")
     assert sorted(table["trial_id"]) == sorted(counts)
     assert set(table["mlflow_run_id"]) == {r.info.run_id for r in runs}
+
+
+@pytest.mark.slow
+def test_two_objective_sweep_with_a_searched_backbone_then_a_warm_start(tmp_path, tracked, demo_dir, ray_local,
+                                                                      run_artifacts):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.runner import run_sweep
+
+    models = {"svm": {"space": {"kernel": "linear", "C": {"low": 0.01, "high": 1.0, "log": True},
+                                "backbone": {"choices": ["simple_cnn", "mobilenet_v2"]}}},
+              "simple_cnn": {"space": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}, "epochs": 2}}}
+    path = _sweep_file(tmp_path / "mo.yaml", demo_dir, models=models, num_samples=8, n_startup_trials=8,
+                       metric=["val_f1_macro", "infer_ms_per_img"], mode=["max", "min"],
+                       scheduler={"grace_period": 1})
+    table = run_sweep(path, name="mo", tracking_uri=tracked)
+    parent = table.attrs["parent_run_id"]
+    runs = _children(tracked, parent)
+    assert len({r.data.tags["carclf.trial_id"] for r in runs}) == 8
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert all(r.data.metrics["infer_ms_per_img"] > 0 for r in finished)
+
+    # the analysis ran at the end and sits on the parent run; its front is non-dominated
+    analysis_files = {p for p in run_artifacts(parent) if p.startswith("analysis/")}
+    assert {"analysis/summary.json", "analysis/pareto.csv", "analysis/pareto.png",
+            "analysis/svm/history.png"} <= analysis_files
+    pareto = pd.read_csv(tmp_path / "results" / "mo" / "analysis" / "pareto.csv")
+    assert set(pareto["run_id"]) == {r.info.run_id for r in finished}
+    from test_sweeps_analysis import check_front
+
+    check_front(pareto, [("val_f1_macro", "max"), ("infer_ms_per_img", "min")])
+
+    # each backbone's features were extracted by one trial and read from the cache by the others
+    svm = [r for r in finished if r.data.tags["carclf.sweep_model"] == "svm"]
+    for backbone in {r.data.params["svm.backbone"] for r in svm}:
+        hits = [r.data.metrics["feature_cache_hits"] for r in svm if r.data.params["svm.backbone"] == backbone]
+        assert hits.count(0) == 1, (backbone, hits)
+
+    # a wider C range, warm-started from the sweep above: its first trials are that sweep's best per family
+    models["svm"]["space"]["C"] = {"low": 1e-3, "high": 100.0, "log": True}
+    wider = _sweep_file(tmp_path / "wide.yaml", demo_dir, models=models, num_samples=4, n_startup_trials=4,
+                        metric=["val_f1_macro", "infer_ms_per_img"], mode=["max", "min"],
+                        scheduler={"grace_period": 1})
+    warm = run_sweep(wider, name="wide", tracking_uri=tracked, warm_start="mo", top=1)
+    client = MlflowClient(tracked)
+    local = client.download_artifacts(warm.attrs["parent_run_id"], "warm_start.json", str(tmp_path))
+    start = json.loads(Path(local).read_text())
+    assert sorted(s["family"] for s in start["sources"]) == ["simple_cnn", "svm"]
+    # Tune's trial ids are random: the first trials are the first runs to start
+    first = sorted(_children(tracked, warm.attrs["parent_run_id"]), key=lambda r: r.info.start_time)
+    first = sorted(first[:len(start["points"])], key=lambda r: r.data.tags["carclf.sweep_model"])
+    for point, source, run in zip(sorted(start["points"], key=lambda p: p["model"]),
+                                  sorted(start["sources"], key=lambda s: s["family"]), first):
+        earlier = client.get_run(source["run_id"])
+        assert run.data.tags["carclf.sweep_model"] == point["model"] == source["family"]
+        keys = ["svm.C", "svm.backbone"] if point["model"] == "svm" else ["train.lr"]
+        assert {k: run.data.params[k] for k in keys} == {k: earlier.data.params[k] for k in keys}

@@ -1,0 +1,94 @@
+"""Checks made once on the driver before Ray starts: what every trial needs that a sweep file cannot show.
+
+    spec = load_sweep_spec("sweeps/quickstart.yaml")
+    preflight(spec)     # SweepError naming the family, the field and the fix; nothing has started yet
+
+- The weights of every family (a network's, an SVM's feature backbone's) can be resolved here:
+  a missing file or weights package would otherwise fail every trial of that family, one by one.
+- The data holds at least two classes for every family, and every SVM family's smallest class keeps
+  two training images for the probability calibration (fewer calibration folds than usual are logged).
+  These need the class counts, known only after a scan; the scan fills the decode cache the trials read
+  (or, with `warm_cache: false`, only the file index). Data not on this machine (a Ray client) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from carclf import paths
+from carclf.config import RunConfig, validate_run_config
+from carclf.errors import CarclfError, SweepError
+from sweeps.spec import SweepSpec
+
+log = logging.getLogger(__name__)
+
+
+def preflight(spec: SweepSpec) -> None:
+    """Refuse a sweep whose trials could not run, before any trial starts (see the module docstring)."""
+    configs = {key: validate_run_config(spec.base_config(key)) for key in spec.models}
+    for key, cfg in configs.items():
+        check_weights(key, cfg)
+    prepared: dict[str, object] = {}  # one scan per distinct data setting
+    for key, cfg in configs.items():
+        check_data(key, cfg, decode=spec.warm_cache, prepared=prepared)
+
+
+def _weights(cfg: RunConfig) -> tuple[str, str, str]:
+    """(field, network, weights) that a family's trials load."""
+    if cfg.is_svm:
+        return "svm.backbone_weights", cfg.svm.backbone, cfg.svm.backbone_weights
+    return "model.weights", cfg.model.name, cfg.model.weights
+
+
+def check_weights(key: str, cfg: RunConfig) -> None:
+    """The family's weights file is there (or downloads); hashed, not loaded, so VGG16's costs seconds."""
+    from carclf.models import weights_sha256
+
+    field, network, weights = _weights(cfg)
+    try:
+        weights_sha256(network, weights)
+    except CarclfError as e:
+        raise SweepError(f"models.{key}: {field} {weights!r} of {network} cannot be used, so every {key} trial "
+                         f"would fail: {e}") from None
+
+
+def _absolute(path: Path) -> Path:
+    """Like the runner: a relative path is looked up in the working directory, then the project root."""
+    if path.is_absolute():
+        return path
+    return next((c for c in (Path.cwd() / path, paths.project_root() / path) if c.exists()), Path.cwd() / path)
+
+
+def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> None:
+    from carclf.data import prepare_data
+    from carclf.models import SVM_CALIBRATION_FOLDS
+
+    folder = _absolute(cfg.data.path)
+    if not folder.is_dir():
+        log.info("models.%s: data folder %s is not on this machine; its classes are checked by the trials", key,
+                 folder)
+        return
+    data_cfg = cfg.data.model_copy(update={"path": folder, "cache_dir": cfg.data.cache_dir and
+                                            _absolute(cfg.data.cache_dir)})
+    cfg = cfg.model_copy(update={"data": data_cfg})
+    memo = json.dumps([cfg.data.model_dump(mode="json"), cfg.split.model_dump(), cfg.balance.model_dump(), cfg.seed,
+                       decode])
+    try:
+        if memo not in prepared:
+            prepared[memo] = prepare_data(cfg, image_size=cfg.data.image_size, progress=decode, decode=decode)
+    except CarclfError as e:
+        raise SweepError(f"models.{key}: {e}") from None
+    if not cfg.is_svm:
+        return
+    counts = prepared[memo].train["class"].value_counts() * cfg.svm.augment_copies
+    smallest, n = counts.idxmin(), int(counts.min())
+    if n < 2:
+        raise SweepError(f"models.{key}: class {smallest!r} in {folder} has a single training image; the SVM's "
+                         "probability calibration needs at least 2 per class. Raise data.min_images (4 or more "
+                         "keeps 2 training images with the default split), or fill small classes up with "
+                         "balance.mode oversample or both")
+    if n < SVM_CALIBRATION_FOLDS:
+        log.warning("models.%s: class %r has %d training images, so its SVM probabilities are calibrated with %d "
+                    "folds instead of %d", key, smallest, n, n, SVM_CALIBRATION_FOLDS)

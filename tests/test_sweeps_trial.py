@@ -1,0 +1,96 @@
+"""Sweeps, one trial: trials needing the same cache entries wait for the first to fill them."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path):
+    import threading
+    import time
+
+    from sweeps.trial import first_fill_lock
+
+    key = {"svm": {"backbone": "mobilenet_v2"}}
+    order = []
+
+    def trial(name, hold):
+        with first_fill_lock(tmp_path, key):
+            order.append(f"{name} in")
+            time.sleep(hold)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=trial, args=("first", 0.5))
+    first.start()
+    time.sleep(0.1)
+    trial("second", 0)
+    first.join()
+    assert order == ["first in", "first out", "second in", "second out"]
+    assert len(list((tmp_path / "sweep-locks").glob("*.done"))) == 1
+
+
+def test_first_fill_lock_is_not_marked_done_by_a_failure(tmp_path):
+    from sweeps.trial import first_fill_lock
+
+    with pytest.raises(RuntimeError):
+        with first_fill_lock(tmp_path, {"k": 1}):
+            raise RuntimeError("extraction failed")
+    assert not list((tmp_path / "sweep-locks").glob("*.done"))
+
+
+def _parent_and_trial_runs(uri: str, runs: list[tuple[str, str, dict]]):
+    """A sweep's parent run and child trial runs [(trial_id, status, sampled params)] as the runner tags them."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.trial import PARAMS_TAG, PARENT_TAG, ROLE_TAG, TRIAL_TAG, params_key
+
+    client = MlflowClient(uri)
+    exp = client.create_experiment("trials")
+    parent = client.create_run(exp, tags={ROLE_TAG: "sweep"}).info.run_id
+    ids = []
+    for trial_id, status, params in runs:
+        run = client.create_run(exp, tags={PARENT_TAG: parent, ROLE_TAG: "trial", TRIAL_TAG: trial_id,
+                                           PARAMS_TAG: params_key(params)})
+        client.log_metric(run.info.run_id, "val_f1_macro", 0.75)
+        client.set_terminated(run.info.run_id, status=status)
+        ids.append(run.info.run_id)
+    return client, parent, ids
+
+
+def _ctx(parent: str, uri: str, orphans=()):
+    from sweeps.spec import validate_sweep_spec
+    from sweeps.trial import TrialContext
+
+    spec = validate_sweep_spec({"models": {"svm": {"space": {"kernel": "linear"}}}})
+    return TrialContext(sweep="s", spec=spec, overrides={}, parent_run_id=parent, tracking_uri=uri, resumed=True,
+                        orphans=tuple(orphans))
+
+
+def test_a_resumed_trial_takes_over_the_finished_run_of_a_trial_tune_never_saved(tracked_db):
+    from sweeps.trial import ADOPTED_TAG, TRIAL_TAG, _reuse_finished_run
+
+    params = {"model": "svm", "svm.C": 2.5}
+    client, parent, (orphan, other) = _parent_and_trial_runs(
+        tracked_db, [("lost1", "FINISHED", params), ("t2", "FINISHED", {"model": "svm", "svm.C": 9.0})])
+    ctx = _ctx(parent, tracked_db, orphans=[orphan])
+    client.set_tag(orphan, "carclf.orphan", "tagged by an earlier resume")
+    # Not an orphan, or other parameters: trained as usual.
+    assert _reuse_finished_run(_ctx(parent, tracked_db), client, "new1", "svm", params) is None
+    assert _reuse_finished_run(ctx, client, "new1", "svm", {"model": "svm", "svm.C": 1.0}) is None
+    row = _reuse_finished_run(ctx, client, "new1", "svm", dict(params))
+    assert row["mlflow_run_id"] == orphan and row["val_f1_macro"] == 0.75 and row["reused"] == 1
+    tags = client.get_run(orphan).data.tags
+    assert tags[TRIAL_TAG] == "new1" and tags[ADOPTED_TAG] == "lost1" and "carclf.orphan" not in tags
+    # Taken once: a second trial with the same parameters trains its own.
+    assert _reuse_finished_run(ctx, client, "new2", "svm", dict(params)) is None
+    assert client.get_run(other).data.tags[TRIAL_TAG] == "t2"
+
+
+def test_a_trial_attempt_whose_process_died_is_closed_failed_when_the_trial_starts_again(tracked_db):
+    from sweeps.trial import ERROR_TAG, close_dead_attempts
+
+    client, parent, (dead, other) = _parent_and_trial_runs(tracked_db, [("t1", "RUNNING", {}), ("t2", "RUNNING", {})])
+    close_dead_attempts(_ctx(parent, tracked_db), client, "t1")
+    assert client.get_run(dead).info.status == "FAILED"
+    assert "process died" in client.get_run(dead).data.tags[ERROR_TAG]
+    assert client.get_run(other).info.status == "RUNNING"  # another trial's run is left alone

@@ -1,0 +1,79 @@
+"""Sweeps, the Tuner's parts: resources per model, ASHA for networks only, telling an interrupted sweep."""
+
+from types import SimpleNamespace
+
+from sweeps.spec import validate_sweep_spec
+from sweeps.tuner import NetworkASHA, PerModelResources, _interrupted
+
+
+def _spec(**over):
+    spec = {"base": {"data": {"image_size": 32}},
+            "models": {"simple_cnn": {"space": {"epochs": 2}, "resources": {"cpu": 2, "gpu": 1}},
+                       "svm": {"space": {"kernel": "linear"}, "resources": {"cpu": 1, "gpu": 0.25}}}}
+    return validate_sweep_spec({**spec, **over})
+
+
+def test_each_trial_asks_for_its_model_entrys_resources():
+    resources = PerModelResources(_spec())
+    assert resources({"model": "svm"}).bundles == [{"CPU": 1.0, "GPU": 0.25}]
+    assert resources({"model": "simple_cnn"}).bundles == [{"CPU": 2.0, "GPU": 1.0}]
+
+
+def test_asha_leaves_svm_trials_alone():
+    asha = NetworkASHA(network_models={"simple_cnn"}, time_attr="training_iteration", metric="val_f1_macro",
+                       mode="max", grace_period=1, max_t=4)
+    svm = SimpleNamespace(trial_id="s1", config={"model": "svm"})
+    assert asha.on_trial_result(None, svm, {"val_f1_macro": 0.0, "training_iteration": 1}) == asha.CONTINUE
+    asha.on_trial_complete(None, svm, {"val_f1_macro": 0.0, "training_iteration": 1})
+    assert "s1" not in asha._trial_info
+
+
+def test_a_sweep_short_of_trials_within_its_budget_was_interrupted():
+    spec = _spec(num_samples=3, time_budget_s=60)
+    done = [SimpleNamespace(status="TERMINATED"), SimpleNamespace(status="ERROR")]
+    assert _interrupted(spec, done, fit_seconds=10)  # 2 of 3 with time left: Ctrl-C
+    assert not _interrupted(spec, done, fit_seconds=61)  # the time budget ended it
+    assert not _interrupted(spec, done + [SimpleNamespace(status="TERMINATED")], fit_seconds=10)
+    assert _interrupted(spec, done + [SimpleNamespace(status="RUNNING")], fit_seconds=61)  # a trial never ended
+
+
+def test_two_objectives_make_a_multi_objective_search_that_prunes_a_trial_without_both():
+    import optuna
+
+    from sweeps.search import ParetoSearch
+    from sweeps.tuner import _searcher
+
+    spec = _spec(metric=["val_f1_macro", "size_mb"], mode=["max", "min"])
+    searcher = _searcher(spec, optuna.samplers.TPESampler(seed=0))
+    assert isinstance(searcher, ParetoSearch) and searcher.metric == ["val_f1_macro", "size_mb"]
+    study = searcher._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for trial_id in ("done", "stopped"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("done", {"val_f1_macro": 0.8, "size_mb": 3.5})
+    # a network stopped by ASHA ends on an epoch's result: no model size yet
+    searcher.on_trial_complete("stopped", {"val_f1_macro": 0.4, "size_mb": float("nan")})
+    done, stopped = study.trials
+    assert done.state == optuna.trial.TrialState.COMPLETE and done.values == [0.8, 3.5]
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+
+
+def test_one_objective_keeps_the_single_objective_search():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.search import ParetoSearch
+    from sweeps.tuner import _searcher
+
+    searcher = _searcher(_spec(), optuna.samplers.TPESampler(seed=0))
+    assert type(searcher) is OptunaSearch and not isinstance(searcher, ParetoSearch)
+    assert searcher.metric == "val_f1_macro" and searcher.mode == "max"
+    assert searcher._ot_study.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_a_sweep_its_budget_ended_is_finished_however_long_this_run_of_it_took():
+    spec = _spec(num_samples=3, time_budget_s=60)
+    done = [SimpleNamespace(status="TERMINATED")]
+    # A resumed sweep whose budget was already spent ends at once: not an interruption.
+    assert not _interrupted(spec, done, fit_seconds=0.1, budget_spent=True)
+    assert _interrupted(spec, done + [SimpleNamespace(status="PENDING")], fit_seconds=0.1, budget_spent=True)
