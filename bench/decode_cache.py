@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from carclf.cache import DecodeCache, decode_image
-from carclf.data import scan_folder
+from carclf.scan import scan_folder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stanford_cars_model10"
 

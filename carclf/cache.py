@@ -10,6 +10,11 @@ written to a temporary name in the same folder and moved into place with
 that no reader ever opens, and several processes (or nodes on a shared file system)
 filling the same entry simply replace it with identical bytes.
 
+Each entry ends in an 8-byte xxh3 checksum of its pixels (after the array, so
+`np.load` still reads it). A truncated, zeroed or bit-flipped entry fails the check
+and is decoded again with a warning, never served (xxh3: a few microseconds per
+224 px image, where CRC-32 costs more than the whole read).
+
 A small index (`files.parquet`) maps (path, size, mtime_ns) to the content hash and
 to whether the file decodes, so a warm scan costs one `stat` per file instead of
 reading and hashing every photo again.
@@ -17,105 +22,103 @@ reading and hashing every photo again.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import io
 import logging
 import os
-import tempfile
-import warnings
+import secrets
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+import xxhash
 
 from carclf import paths
+# Decoding lives with the model carclf ships (car_classifier), so serving decodes exactly as training did.
+from carclf.car_classifier import decode_image, read_error, to_rgb  # noqa: F401 - re-exported
 from carclf.errors import DataError
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "files.parquet"
 _INDEX_COLUMNS = ["path", "size", "mtime_ns", "sha256", "error"]
-_WHITE = (255, 255, 255)
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(fileobj)` on a temporary file next to `path`, then move it into place.
+# Permission bits a new file is created with, before the umask. Cache entries stay private (what
+# mkstemp gives); what a user is meant to read (results, reports, predictions) gets what an ordinary
+# new file would: the user's umask decides.
+PRIVATE_FILE_MODE = 0o600
+USER_FILE_MODE = 0o666
 
-    Readers see either the old file or the complete new one, never a partial write.
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, *, mode: int = PRIVATE_FILE_MODE) -> Iterator[Path]:
+    """A temporary path next to `path` for the block to write; moved into place when the block succeeds.
+
+    The temporary file is created (empty, with `mode` minus the umask) before the block runs, so a
+    writer that opens it by name keeps those permissions. Readers see either the old file or the
+    complete new one, never a partial write; on an error the temporary file is removed.
+
+        with atomic_path("results/x.csv", mode=USER_FILE_MODE) as tmp:
+            table.to_csv(tmp, index=False)
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = new_temp_file(path, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA, CMYK, 16-bit ... -> RGB; transparency is flattened onto white."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, _WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        # PIL's convert clips wide-range integers at 255; rescale to the full 8-bit range instead.
-        values = np.asarray(img, dtype=np.float64)
-        top = values.max() or 1.0
-        return Image.fromarray((values * (255.0 / top)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    return img.convert("RGB")
+def new_temp_file(path: Path, mode: int) -> Path:
+    """Create `.<name>.<random>.tmp` beside `path` exclusively (as mkstemp does), with `mode` before the umask."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def _apply_exif_orientation(img: Image.Image) -> Image.Image:
-    try:
-        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy for the usual upright photo
-    except Exception as e:  # malformed EXIF must not make an otherwise good photo unreadable
-        log.debug("ignoring unreadable EXIF orientation: %s", e)
-    return img
+def atomic_write_bytes(path: Path, write, *, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Call `write(fileobj)` on a temporary file next to `path`, then move it into place.
 
-
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 array (image_size, image_size, 3), RGB, EXIF orientation applied.
-
-    The image is squashed to a square, not centre-cropped: car photos are wide
-    (median about 2:1), and a centre crop would cut off the front and the rear,
-    which carry most of what tells two models apart.
-
-    Raises OSError / ValueError (and PIL's errors) for unreadable or truncated data.
+    Readers see either the old file or the complete new one, never a partial write. `mode`:
+    PRIVATE_FILE_MODE (cache entries) or USER_FILE_MODE (files for people: the umask decides).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG":
-                # Draft mode decodes at 1/2, 1/4 or 1/8 scale while staying >= the target size.
-                img.draft(None, (image_size, image_size))
-            img.load()
-            rgb = to_rgb(_apply_exif_orientation(img))
-    resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.array(resized, dtype=np.uint8)  # writable: torch.from_numpy warns on read-only arrays
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
-def read_error(exc: BaseException) -> str:
-    """A one-line reason for an unreadable image."""
-    text = str(exc).strip() or "unreadable"
-    return f"{type(exc).__name__}: {text}"
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_error(path: Path | str, exc: OSError, what: str = "", hint: str = "") -> DataError:
+    """A DataError naming the file that could not be written and why (disk full, read-only, no permission)."""
+    reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
+               errno.ENOTDIR: "a part of its folder path is a file",
+               errno.EEXIST: "a part of its folder path is a file",
+               errno.EISDIR: "it is a folder"}
+    reason = reasons.get(exc.errno) or exc.strerror or str(exc)
+    if exc.errno in _FULL:
+        hint = "free some space" + (f", or {hint}" if hint else "")
+    return DataError(f"cannot write {what + ' ' if what else ''}{path}: {reason}" + (f" ({hint})" if hint else ""))
 
 
 class FileIndex:
@@ -175,8 +178,23 @@ class FileIndex:
         self._dirty = False
 
 
+_CHECKSUM_BYTES = 8
+# The entry layout version: `<size>px` folders of older carclf hold entries without the checksum.
+_LAYOUT = "v2"
+
+
+def _checksum(pixels) -> bytes:
+    return xxhash.xxh3_64_digest(pixels)
+
+
+def _write_entry(f, header: bytes, pixels: np.ndarray) -> None:
+    f.write(header)
+    f.write(pixels.data)
+    f.write(_checksum(pixels.data))
+
+
 class DecodeCache:
-    """Decoded, resized uint8 images on disk, one `.npy` per (content hash, image size)."""
+    """Decoded, resized uint8 images on disk, one checksummed `.npy` per (content hash, image size)."""
 
     def __init__(self, root: Path | str | None, image_size: int):
         if image_size < 1:
@@ -184,7 +202,9 @@ class DecodeCache:
         self.root = Path(root) if root is not None else paths.cache_root() / "decode"
         self.image_size = int(image_size)
         # Plain string concatenation: pathlib joins cost more than the read itself on the warm path.
-        self._prefix = os.path.join(str(self.root), f"{self.image_size}px", "")
+        self._prefix = os.path.join(str(self.root), f"{self.image_size}px-{_LAYOUT}", "")
+        self._header = _npy_header(self.image_size)
+        self._entry_bytes = len(self._header) + self.image_size * self.image_size * 3 + _CHECKSUM_BYTES
 
     def __repr__(self) -> str:
         return f"DecodeCache(root={str(self.root)!r}, image_size={self.image_size})"
@@ -196,7 +216,11 @@ class DecodeCache:
         return f"{self._prefix}{sha256[:2]}/{sha256}.npy"
 
     def contains(self, sha256: str) -> bool:
-        return os.path.isfile(self._entry_str(sha256))
+        """An entry of the right length is there (one stat: a cut-off entry counts as missing)."""
+        try:
+            return os.stat(self._entry_str(sha256)).st_size == self._entry_bytes
+        except OSError:
+            return False
 
     def load(self, path: str, sha256: str) -> np.ndarray:
         """The cached array for this content; on a miss, decode `path` (which must still hash to sha256)."""
@@ -221,44 +245,40 @@ class DecodeCache:
 
     def store(self, sha256: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.uint8)
+        if array.shape != (self.image_size, self.image_size, 3):
+            raise ValueError(f"a {self.image_size} px cache entry must be ({self.image_size}, {self.image_size}, 3), "
+                             f"got {array.shape}")
+        entry = self.entry_path(sha256)
         try:
-            atomic_write_bytes(self.entry_path(sha256), lambda f: np.save(f, array, allow_pickle=False))
+            atomic_write_bytes(entry, lambda f: _write_entry(f, self._header, array))
         except OSError as e:
-            raise DataError(f"cannot write the decode cache in {self.root}: {e.strerror or e} "
-                            "(set data.cache_dir or CARCLF_CACHE_DIR to a writable folder)") from e
+            raise write_error(entry, e, "the decode cache entry",
+                              "set data.cache_dir or CARCLF_CACHE_DIR to another folder") from e
 
     def _read_entry(self, sha256: str) -> np.ndarray | None:
+        """The entry's array if it is there and intact; a damaged one is reported and left to be rebuilt."""
         entry = self._entry_str(sha256)
+        body = self._entry_bytes - len(self._header) - _CHECKSUM_BYTES
+        buf = np.empty(self._entry_bytes + 1, dtype=np.uint8)  # one spare byte detects trailing data
         try:
-            array = self._read_fast(entry)
-            if array is None:  # another numpy's header layout, or a damaged file: the careful path
-                array = np.load(entry, allow_pickle=False)
+            with open(entry, "rb", buffering=0) as f:
+                n = f.readinto(memoryview(buf))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, EOFError) as e:
-            # Only a damaged disk or a foreign file can get here (writes are atomic): decode again.
-            log.warning("ignoring damaged cache entry %s: %s", entry, e)
+        except OSError as e:
+            log.warning("rebuilding decode-cache entry %s: unreadable (%s)", entry, e.strerror or e)
             return None
-        expected = (self.image_size, self.image_size, 3)
-        if array.shape != expected or array.dtype != np.uint8:
-            log.warning("ignoring cache entry %s with shape %s, expected %s", entry, array.shape, expected)
-            return None
-        return array
-
-    def _read_fast(self, entry: str) -> np.ndarray | None:
-        """One read into a fresh buffer, checked against the exact .npy header this cache writes.
-
-        np.load parses the header with a Python literal evaluator, which costs four
-        times the read itself; the warm path is what every run and trial pays.
-        """
-        header = _npy_header(self.image_size)
-        body = self.image_size * self.image_size * 3
-        buf = np.empty(len(header) + body + 1, dtype=np.uint8)  # one spare byte detects trailing data
-        with open(entry, "rb", buffering=0) as f:
-            n = f.readinto(memoryview(buf))
-        if n != len(header) + body or buf[:len(header)].tobytes() != header:
-            return None
-        return buf[len(header):n].reshape(self.image_size, self.image_size, 3)
+        pixels = buf[len(self._header):len(self._header) + body]
+        if n != self._entry_bytes:
+            problem = f"{n} bytes, expected {self._entry_bytes}"
+        elif buf[:len(self._header)].tobytes() != self._header:
+            problem = "not the header this cache writes"
+        elif _checksum(pixels.data) != buf[-1 - _CHECKSUM_BYTES:-1].tobytes():
+            problem = "checksum mismatch"
+        else:
+            return pixels.reshape(self.image_size, self.image_size, 3)
+        log.warning("rebuilding damaged decode-cache entry %s (%s)", entry, problem)
+        return None
 
 
 @functools.lru_cache(maxsize=16)

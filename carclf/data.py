@@ -1,4 +1,4 @@
-"""Image data: scan an ImageFolder tree, select classes, split without leaks, balance the train split.
+"""Image data: select classes, split without leaks, balance the train split (the scan is carclf.scan).
 
     prepared = prepare_data(cfg, image_size=224)   # scan (filling the decode cache), select, split, balance
     carclf data stats PATH                         # class table, duplicates, skipped files, frequency figure
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,167 +22,15 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from carclf.cache import (INDEX_NAME, DecodeCache, FileIndex, atomic_write_bytes, decode_image, read_error,
-                          sha256_bytes)
+from carclf.cache import USER_FILE_MODE, DecodeCache, atomic_write_bytes, write_error
 from carclf.errors import DataError
+from carclf.scan import IMAGE_EXTENSIONS, VERIFY_SIZE, ScanResult, scan_folder, scan_tree  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MANIFEST_COLUMNS = ["path", "sha256", "class", "label", "split"]
 SPLITS = ("train", "val", "test")
 BALANCE_MODES = ("none", "undersample", "oversample", "both")
-_VERIFY_SIZE = 32  # without a decode cache, images are still fully decoded (small) to catch truncation
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    items: pd.DataFrame  # path (absolute str), class, sha256 -- readable images only, sorted by path
-    skipped: list[tuple[str, str]]  # (path, reason): hidden or non-image files
-    corrupt: list[tuple[str, str]]  # (path, reason): unreadable, empty or truncated images
-
-
-# --------------------------------------------------------------------------- scanning
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _list_files(root: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(path, class) candidates with an image extension, and (path, reason) skipped entries."""
-    candidates: list[tuple[str, str]] = []
-    skipped: list[tuple[str, str]] = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if _is_hidden(entry.name):
-            skipped.append((entry.path, "hidden"))
-        elif not entry.is_dir():
-            skipped.append((entry.path, "not inside a class folder"))
-        else:
-            _walk_class(Path(entry.path), entry.name, candidates, skipped)
-    return candidates, skipped
-
-
-def _walk_class(folder: Path, cls: str, candidates: list, skipped: list) -> None:
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        for d in [d for d in dirnames if _is_hidden(d)]:
-            skipped.append((os.path.join(dirpath, d), "hidden"))
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            if _is_hidden(name):
-                skipped.append((path, "hidden"))
-            elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                skipped.append((path, "not an image (extension)"))
-            else:
-                candidates.append((path, cls))
-
-
-def _check_file(path: str, cache: DecodeCache | None) -> tuple[str, str]:
-    """Read, hash and decode one file: (sha256, '') or (sha256 or '', reason)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        return "", read_error(e)
-    if not data:
-        return "", "empty file (0 bytes)"
-    sha = sha256_bytes(data)
-    try:
-        array = decode_image(data, cache.image_size if cache is not None else _VERIFY_SIZE)
-    except Exception as e:  # any decoder failure means this file is unusable, never that the scan stops
-        return sha, read_error(e)
-    if cache is not None:
-        cache.store(sha, array)  # a cache that cannot be written is an error of its own, not a bad image
-    return sha, ""
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="img", leave=False)
-
-
-def scan_folder(root, *, cache: DecodeCache | None = None, progress: bool = False) -> ScanResult:
-    """Scan an ImageFolder tree (class = top-level folder name), reading and checking every image.
-
-    With a cache, each new image is decoded once into it; without one, images are
-    still decoded (at a tiny size) so that corrupt and truncated files are found.
-    Unchanged files (same path, size and mtime) are not read again: their hash and
-    status come from the file index kept in the cache folder.
-    """
-    index_dir = cache.root if cache is not None else DecodeCache(None, _VERIFY_SIZE).root
-    return _scan(root, cache=cache, index_dir=index_dir, progress=progress)
-
-
-def _scan(root, *, cache: DecodeCache | None, index_dir: Path, progress: bool) -> ScanResult:
-    root_path = Path(root).expanduser()
-    if not root_path.exists():
-        raise DataError(f"image folder not found: {root_path}")
-    if not root_path.is_dir():
-        raise DataError(f"not a folder: {root_path}")
-    root_path = root_path.resolve()
-    candidates, skipped = _list_files(root_path)
-    index = FileIndex(Path(index_dir) / INDEX_NAME)
-    results, todo = _lookup_known(candidates, index, cache)
-    with _progress(len(candidates), progress, f"scan {root_path.name}") as bar:
-        bar.update(len(candidates) - len(todo))
-        for (i, st), (sha, err) in _check_many(todo, candidates, cache, bar):
-            if sha:  # the stat taken before reading, so a file edited meanwhile is re-read next time
-                index.record(candidates[i][0], st.st_size, st.st_mtime_ns, sha, err)
-            results[i] = (sha, err)
-    index.save()
-    return _scan_result(root_path, candidates, results, skipped)
-
-
-def _lookup_known(candidates, index: FileIndex, cache: DecodeCache | None):
-    """Results already known from the index, and the candidate positions still to read."""
-    results: dict[int, tuple[str, str]] = {}
-    todo: list[tuple[int, os.stat_result]] = []
-    for i, (path, _) in enumerate(candidates):
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            results[i] = ("", read_error(e))
-            continue
-        if st.st_size == 0:
-            results[i] = ("", "empty file (0 bytes)")
-            continue
-        known = index.lookup(path, st.st_size, st.st_mtime_ns)
-        if known is not None and (known[1] or cache is None or cache.contains(known[0])):
-            results[i] = known
-        else:
-            todo.append((i, st))
-    return results, todo
-
-
-def _check_many(todo, candidates, cache, bar):
-    """Yield ((position, stat), (sha, error)) per file to read, decoding on a few threads (PIL releases the GIL)."""
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [(job, pool.submit(_check_file, candidates[job[0]][0], cache)) for job in todo]
-        for job, fut in futures:
-            yield job, fut.result()
-            bar.update(1)
-
-
-def _scan_result(root: Path, candidates, results, skipped) -> ScanResult:
-    rows, corrupt = [], []
-    for i, (path, cls) in enumerate(candidates):
-        sha, err = results[i]
-        if err:
-            corrupt.append((path, err))
-        else:
-            rows.append((path, cls, sha))
-    for path, reason in corrupt:
-        log.warning("unreadable image left out: %s (%s)", path, reason)
-    if skipped:
-        log.info("%d files skipped (hidden or not images) under %s", len(skipped), root)
-    items = pd.DataFrame(rows, columns=["path", "class", "sha256"]).sort_values("path", ignore_index=True)
-    if items.empty:
-        raise DataError(f"no class folders with readable images in {root} (expected one sub-folder per class; "
-                        f"extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return ScanResult(items=items, skipped=skipped, corrupt=corrupt)
 
 
 # --------------------------------------------------------------------------- classes
@@ -281,7 +127,10 @@ def save_manifest(df: pd.DataFrame, path) -> Path:
     """Write the manifest as parquet, atomically (temp file + os.replace)."""
     out = Path(path)
     frame = df[MANIFEST_COLUMNS].reset_index(drop=True)
-    atomic_write_bytes(out, lambda f: frame.to_parquet(f, index=False))
+    try:
+        atomic_write_bytes(out, lambda f: frame.to_parquet(f, index=False), mode=USER_FILE_MODE)
+    except OSError as e:
+        raise write_error(out, e, "the manifest", "pick another --out") from e
     return out
 
 
@@ -419,12 +268,13 @@ def decode_cache_for(cache_dir, image_size: int) -> DecodeCache:
     return DecodeCache(Path(cache_dir) / "decode" if cache_dir is not None else None, image_size)
 
 
-def prepare_data(cfg, *, image_size: int, progress: bool = False) -> PreparedData:
-    """Scan (filling the decode cache), select classes, split, balance the train split."""
+def prepare_data(cfg, *, image_size: int, progress: bool = False, decode: bool = True) -> PreparedData:
+    """Scan (filling the decode cache unless decode=False), select classes, split, balance the train split."""
     cache = decode_cache_for(cfg.data.cache_dir, image_size)
-    scan = scan_folder(cfg.data.path, cache=cache, progress=progress)
+    scan = scan_folder(cfg.data.path, cache=cache if decode else None, progress=progress)
     items, classes = select_classes(scan.items, classes=cfg.data.classes, top_k=cfg.data.top_k,
                                     min_images=cfg.data.min_images)
+    _need_two_classes(cfg, scan.items, classes)
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     manifest = split_items(items, classes, fractions=fractions, seed=cfg.split.seed)
     train = balance(manifest[manifest["split"] == "train"], mode=cfg.balance.mode,
@@ -441,14 +291,25 @@ def prepare_data(cfg, *, image_size: int, progress: bool = False) -> PreparedDat
                         skipped=scan.skipped, corrupt=scan.corrupt)
 
 
+def _need_two_classes(cfg, found: pd.DataFrame, kept: list[str]) -> None:
+    """A classifier needs two classes: say so before any model is built, naming the folder and what it holds."""
+    if len(kept) >= 2:
+        return
+    counts = found["class"].value_counts()
+    held = ", ".join(f"{c} ({counts[c]})" for c in sorted(counts.index))
+    raise DataError(f"{cfg.data.path}: a classifier needs at least 2 classes, but the selection keeps "
+                    f"{len(kept)} ({', '.join(kept)}); class folders with readable images (count): {held}. "
+                    f"Check data.path, data.classes, data.top_k and data.min_images ({cfg.data.min_images})")
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def _scan_and_select(args) -> tuple[ScanResult, pd.DataFrame, list[str]]:
     # Stats and split need hashes and readability, not decoded arrays: only the file index is kept.
     cache_dir = getattr(args, "cache_dir", None)
-    index_dir = decode_cache_for(cache_dir, _VERIFY_SIZE).root
-    scan = _scan(args.path, cache=None, index_dir=index_dir, progress=True)
+    index_dir = decode_cache_for(cache_dir, VERIFY_SIZE).root
+    scan = scan_tree(args.path, cache=None, index_dir=index_dir, progress=True)
     items, classes = select_classes(scan.items, classes=args.classes, top_k=args.top_k, min_images=args.min_images)
     return scan, items, classes
 

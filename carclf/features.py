@@ -19,21 +19,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from carclf import paths
 from carclf.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-# Bump when the extraction procedure changes, so old cache entries are not reused.
-CACHE_VERSION = 1
+# Bump when the extraction procedure changes, so old cache entries are not reused
+# (2: train features augmented by the batched augmentation of carclf.transforms).
+CACHE_VERSION = 2
 SPLITS = ("train", "val", "test")
 _META_KEY = b"carclf.features"
 
@@ -117,16 +119,25 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, *, batch_size:
     from carclf.training import loader_options
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, num_workers))
+    return backbone_features(backbone, loader, device=device, progress=progress, desc=desc)
+
+
+def backbone_features(backbone: torch.nn.Module, batches: Iterable, *, device: torch.device, progress: bool = False,
+                      desc: str = "features") -> np.ndarray:
+    """Run `backbone` over (images, labels) batches under inference mode; float32 [N, D] in batch order.
+
+    Outputs stay on the device until the end: one transfer to the host.
+    """
     backbone = backbone.to(device).eval()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     chunks = []
     with torch.inference_mode():
-        for images, _ in _maybe_tqdm(loader, progress, desc):
+        for images, _ in _maybe_tqdm(batches, progress, desc):
             out = backbone(images.to(device, non_blocking=True, memory_format=memory_format))
-            chunks.append(out.float().flatten(1).cpu().numpy())
+            chunks.append(out.float().flatten(1))
     if not chunks:
         return np.zeros((0, getattr(backbone, "feature_dim", 0)), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return torch.cat(chunks).cpu().numpy().astype(np.float32, copy=False)
 
 
 def _maybe_tqdm(iterable, progress: bool, desc: str):
@@ -160,46 +171,49 @@ def feature_key(cfg: RunConfig, data, split: str, *, weights_sha: str) -> dict:
     return key
 
 
-def _train_dataset(frame: pd.DataFrame, data, input_config, strength: float, copy_index: int):
-    """Pass 0: original images as the eval preset sees them, fill-up copies augmented; later passes: all augmented.
+def _pass_batches(placed, frame: pd.DataFrame, cfg: RunConfig, input_config, copy_index: int | None):
+    """The batches of one feature pass over a split, and the frame rows they cover, in order.
 
-    Keeps the SVM's view of real photos clean while oversampled copies differ from their originals.
-    Returns the dataset and its frame in the same row order.
+    Validation and test (copy_index None): every image as the eval preset sees it. Train pass 0:
+    original images through the eval maths, then the fill-up copies augmented; later passes: all
+    augmented. Keeps the SVM's view of real photos clean while oversampled copies differ from their
+    originals. Each pass draws its own, reproducible augmentations.
     """
-    from carclf.data import ImageDataset
-    from carclf.transforms import EvalPreset, TrainPreset
+    from carclf.inputs import SplitBatches, prefetch_setting
+    from carclf.transforms import BatchEval, BatchTrainAugment
 
-    train_tf = TrainPreset(input_config, strength)
+    kw = {"batch_size": cfg.train.batch_size, "prefetch": prefetch_setting(cfg.train.num_workers)}
+    rows = np.arange(len(frame))
+    if copy_index is None:
+        return [SplitBatches(placed, transform=BatchEval(input_config), **kw)], rows
+    augment = BatchTrainAugment(input_config, cfg.augment.strength)
+    seed = cfg.seed * 1000 + copy_index
     if copy_index > 0 or "augmented" not in frame.columns:
-        return ImageDataset(frame, data.cache, train_tf), frame
-    originals, copies = frame[~frame["augmented"]], frame[frame["augmented"]]
-    parts = [ImageDataset(originals, data.cache, EvalPreset(input_config))]
-    if len(copies):
-        parts.append(ImageDataset(copies, data.cache, train_tf))
-    return ConcatDataset(parts), pd.concat([originals, copies])
+        return [SplitBatches(placed, transform=augment, seed=seed, **kw)], rows
+    copy = frame["augmented"].to_numpy(dtype=bool)
+    parts = [SplitBatches(placed, transform=BatchEval(input_config), rows=rows[~copy], **kw)]
+    if copy.any():
+        parts.append(SplitBatches(placed, transform=augment, rows=rows[copy], seed=seed, **kw))
+    return parts, np.concatenate([rows[~copy], rows[copy]])
 
 
 def _extract_split(backbone, cfg: RunConfig, data, split: str, *, device, progress: bool) -> FeatureSet:
-    from carclf.data import ImageDataset
-    from carclf.transforms import EvalPreset
+    from carclf.arrays import load_split
+    from carclf.inputs import DeviceBudget, place
 
     frame = getattr(data, split)
-    ic = backbone.input_config
-    batch = cfg.train.batch_size
+    # One split on the device at a time: it is released before the next split is placed.
+    budget = DeviceBudget(cfg.train.device_data_mb)
+    placed = place(load_split(data, split, cache_dir=cfg.data.cache_dir), device, budget, name=split)
     feats, labels, row_paths = [], [], []
     start = time.perf_counter()
-    passes = cfg.svm.augment_copies if split == "train" else 1
-    for c in range(passes):
-        if split == "train":
-            # Each pass draws its own, reproducible augmentations.
-            torch.manual_seed(cfg.seed * 1000 + c)
-            dataset, rows = _train_dataset(frame, data, ic, cfg.augment.strength, c)
-        else:
-            dataset, rows = ImageDataset(frame, data.cache, EvalPreset(ic)), frame
-        feats.append(extract_features(backbone, dataset, batch_size=batch, device=device, progress=progress,
-                                      num_workers=cfg.train.num_workers, desc=f"{split} features"))
-        labels.append(rows["label"].to_numpy(dtype=np.int64))
-        row_paths.extend(rows["path"].astype(str).tolist())
+    passes = list(range(cfg.svm.augment_copies)) if split == "train" else [None]
+    for c in passes:
+        parts, rows = _pass_batches(placed, frame, cfg, backbone.input_config, c)
+        feats += [backbone_features(backbone, b, device=device, progress=progress, desc=f"{split} features")
+                  for b in parts]
+        labels.append(frame["label"].to_numpy(dtype=np.int64)[rows])
+        row_paths.extend(frame["path"].astype(str).to_numpy()[rows].tolist())
     seconds = time.perf_counter() - start
     n = sum(len(f) for f in feats)
     meta = {"seconds": seconds, "seconds_per_image": seconds / max(n, 1), "device": device.type,
@@ -226,7 +240,7 @@ def split_features(cfg: RunConfig, data, *, device: torch.device, splits=SPLITS,
     found = {s: cache.load(k) for s, k in keys.items()}
     missing = [s for s in splits if found[s] is None]
     if missing:
-        backbone = _build_backbone(cfg)
+        backbone = build_feature_backbone(cfg)
         for s in missing:
             log.info("extracting %s features with %s (%d images)", s, cfg.svm.backbone, len(getattr(data, s)))
             found[s] = _extract_split(backbone, cfg, data, s, device=device, progress=progress)
@@ -237,7 +251,8 @@ def split_features(cfg: RunConfig, data, *, device: torch.device, splits=SPLITS,
     return found
 
 
-def _build_backbone(cfg: RunConfig):
+def build_feature_backbone(cfg: RunConfig):
+    """The run's feature backbone, as extraction builds it (also what a logged SVM model ships)."""
     from carclf.models import build_backbone
     from carclf.training import seed_everything
 

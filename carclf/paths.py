@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from carclf.errors import SweepError
+
+# A sweep name becomes a folder under results/ (and Ray's experiment folder): one plain path
+# component, so `--name ../../x` or `/tmp/x` cannot put files outside results/.
+_SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def project_root() -> Path:
@@ -43,3 +50,16 @@ def default_tracking_uri() -> str:
 def results_root() -> Path:
     """Sweep outputs (Ray storage, results tables, reports) live under `<project>/results/`."""
     return project_root() / "results"
+
+
+def check_sweep_name(name: str, source: str = "sweep name") -> str:
+    """`name` if it is a safe folder name (letters, digits, '_', '-', '.'; starting with a letter or digit)."""
+    if not isinstance(name, str) or not _SWEEP_NAME.fullmatch(name):
+        raise SweepError(f"{source} {name!r} is not allowed: use up to 100 letters, digits, '_', '-' or '.', "
+                         "starting with a letter or digit (it names the folder results/<name>/)")
+    return name
+
+
+def sweep_dir(name: str, source: str = "sweep name") -> Path:
+    """`results/<name>/` for a checked sweep name."""
+    return results_root() / check_sweep_name(name, source)

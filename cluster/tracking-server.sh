@@ -32,11 +32,16 @@ ALLOWED_HOSTS="${ALLOWED_HOSTS:-$NAME,$NAME:$PORT,${ADDR:+$ADDR,$ADDR:$PORT,}loc
 mkdir -p "$STATE_DIR"
 case "$ARTIFACTS" in *://*) ;; *) mkdir -p "$ARTIFACTS" ;; esac
 
-echo "MLflow tracking server on http://$NAME:$PORT  (backend $BACKEND, artifacts $ARTIFACTS)" >&2
+# The password of a database URI is shown as *** here, and reaches the server through its environment
+# (MLFLOW_BACKEND_STORE_URI), not its command line, which every user of the host can list with `ps`.
+SHOWN_BACKEND="$(printf '%s' "$BACKEND" | sed -E 's#^([^:/]+://[^:/@]*):[^@]*@#\1:***@#')"
+echo "MLflow tracking server on http://$NAME:$PORT  (backend $SHOWN_BACKEND, artifacts $ARTIFACTS)" >&2
+echo "WARNING: no authentication: anyone who reaches port $PORT can read and change every run and model" \
+     "(see README.md, 'Who can reach what')" >&2
 # The GenAI job runner starts consumer processes a training cluster does not use.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+export MLFLOW_BACKEND_STORE_URI="$BACKEND"
 exec "${MLFLOW:-mlflow}" server \
-  --backend-store-uri "$BACKEND" \
   --artifacts-destination "$ARTIFACTS" \
   --host "$HOST" --port "$PORT" --workers "$WORKERS" \
   --allowed-hosts "$ALLOWED_HOSTS"

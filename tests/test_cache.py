@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from carclf import cache as cache_module
 from carclf import data as D
 from carclf.cache import DecodeCache, decode_image, sha256_bytes
 from carclf.errors import DataError
@@ -136,7 +137,9 @@ def test_warm_scan_reads_no_image_again(image_folder, monkeypatch):
     def must_not_read(path, cache):
         raise AssertionError(f"re-read {path}")
 
-    monkeypatch.setattr(D, "_check_file", must_not_read)
+    import carclf.scan
+
+    monkeypatch.setattr(carclf.scan, "_check_file", must_not_read)
     second = D.scan_folder(image_folder.root, cache=cache)
     assert second.items.equals(first.items) and second.corrupt == first.corrupt
 
@@ -170,15 +173,84 @@ def test_an_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
     path, data, sha = _one_image(tmp_path, 6)
     cache = DecodeCache(tmp_path / "cache", 16)
 
-    def dies_half_way(f, array, allow_pickle=False):
-        f.write(b"\x93NUMPY" + b"\0" * 100)
+    def dies_half_way(f, header, pixels):
+        f.write(header + b"\0" * 100)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "save", dies_half_way)
+    monkeypatch.setattr(cache_module, "_write_entry", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         cache.load(str(path), sha)
     assert not cache.contains(sha) and _temp_files(cache) == []
     monkeypatch.undo()
+    np.testing.assert_array_equal(cache.load(str(path), sha), decode_image(data, 16))
+
+
+def _filled(tmp_path, seed: int = 7, size: int = 16):
+    """(cache, source path, sha, expected array, the entry's good bytes) for one image already cached."""
+    path, data, sha = _one_image(tmp_path, seed)
+    cache = DecodeCache(tmp_path / "cache", size)
+    expected = cache.load(str(path), sha)
+    return cache, path, sha, expected, cache.entry_path(sha).read_bytes()
+
+
+def _flip_one_pixel_byte(raw: bytes) -> bytes:
+    at = len(raw) // 2  # inside the pixels: the header is about 128 bytes, the checksum the last 8
+    return raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1:]
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "pixels zeroed", "one flipped bit", "truncated", "checksum zeroed",
+                                    "deleted"])
+def test_a_damaged_entry_is_never_served_and_is_rebuilt(tmp_path, damage, caplog):
+    cache, path, sha, expected, good = _filled(tmp_path)
+    entry = cache.entry_path(sha)
+    if damage == "deleted":
+        entry.unlink()
+    else:
+        header = len(cache_module._npy_header(16))
+        entry.write_bytes({"zeroed": bytes(len(good)), "pixels zeroed": good[:header] + bytes(len(good) - header),
+                           "one flipped bit": _flip_one_pixel_byte(good),
+                           "truncated": good[:-20], "checksum zeroed": good[:-8] + bytes(8)}[damage])
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(cache.load(str(path), sha), expected)
+    assert entry.read_bytes() == good  # repaired in place
+    if damage != "deleted":  # a missing entry is an ordinary miss, not a warning
+        assert f"rebuilding damaged decode-cache entry {entry}" in caplog.text
+    np.testing.assert_array_equal(cache.load(str(path), sha), expected)
+
+
+def test_a_rescan_decodes_a_cut_off_entry_again(image_folder):
+    cache = DecodeCache(image_folder.root.parent / "cache", 16)
+    items = D.scan_folder(image_folder.root, cache=cache).items
+    sha = items["sha256"].iloc[0]
+    good = cache.entry_path(sha).read_bytes()
+    cache.entry_path(sha).write_bytes(good[:100])
+    assert not cache.contains(sha)
+    D.scan_folder(image_folder.root, cache=cache)
+    assert cache.entry_path(sha).read_bytes() == good
+
+
+def test_entries_stay_readable_by_numpy(tmp_path):
+    cache, path, sha, expected, _ = _filled(tmp_path)
+    np.testing.assert_array_equal(np.load(cache.entry_path(sha), allow_pickle=False), expected)
+
+
+def test_a_full_disk_while_writing_an_entry_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    path, data, sha = _one_image(tmp_path, 8)
+    cache = DecodeCache(tmp_path / "cache", 16)
+
+    def disk_fills_up(f, header, pixels):
+        f.write(header)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "_write_entry", disk_fills_up)
+    with pytest.raises(DataError) as err:
+        cache.load(str(path), sha)
+    message = str(err.value)
+    assert str(cache.entry_path(sha)) in message and "no space left on the device (free some space" in message
+    assert _temp_files(cache) == [] and _entries(cache) == []
+    monkeypatch.undo()  # space freed: the next load fills the entry
     np.testing.assert_array_equal(cache.load(str(path), sha), decode_image(data, 16))
 
 
@@ -210,3 +282,26 @@ def test_an_unwritable_cache_is_an_error_not_a_bad_image(image_folder, tmp_path)
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(DataError, match="cannot write the decode cache"):
         D.scan_folder(image_folder.root, cache=DecodeCache(blocker / "decode", 16))
+
+
+def test_cache_entries_stay_private_and_files_for_people_follow_the_umask(tmp_path):
+    from carclf.cache import USER_FILE_MODE, atomic_path, atomic_write_bytes
+
+    path, data, sha = _one_image(tmp_path, 9)
+    cache = DecodeCache(tmp_path / "cache", 16)
+    old = os.umask(0o022)
+    try:
+        cache.load(str(path), sha)
+        atomic_write_bytes(tmp_path / "report.bin", lambda f: f.write(b"x"), mode=USER_FILE_MODE)
+        with atomic_path(tmp_path / "table.csv", mode=USER_FILE_MODE) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".table.csv.") and tmp.is_file()
+            tmp.write_text("a,b\n")
+    finally:
+        os.umask(old)
+    assert cache.entry_path(sha).stat().st_mode & 0o777 == 0o600  # as mkstemp made them
+    assert (tmp_path / "report.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "table.csv").stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "table.csv", mode=USER_FILE_MODE) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer died")
+    assert (tmp_path / "table.csv").read_text() == "a,b\n" and not list(tmp_path.glob(".table.csv.*"))

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import encode, random_image
 
 from carclf import data as D
 from carclf.cache import DecodeCache
@@ -92,6 +93,68 @@ def test_scan_result_does_not_depend_on_a_second_scan(image_folder):
 
 
 # --------------------------------------------------------------------------- classes
+
+
+# --------------------------------------------------------------------------- links
+
+
+def _photos(folder: Path, n: int, first_seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"p{i}.jpg").write_bytes(encode(random_image(first_seed + i), "JPEG"))
+
+
+def _rows_by_class(scan) -> dict[str, int]:
+    return scan.items["class"].value_counts().to_dict()
+
+
+def test_symlink_loops_are_followed_once_and_named_in_a_warning(tmp_path, caplog):
+    root = tmp_path / "cars"
+    _photos(root / "alpha" / "sub", 4, 0)
+    _photos(root / "beta", 3, 100)
+    (root / "alpha" / "sub" / "back").symlink_to("..", target_is_directory=True)  # up: alpha again
+    (root / "alpha" / "sub" / "top").symlink_to("../..", target_is_directory=True)  # up: the root, all classes
+    (root / "alpha" / "here").symlink_to(".", target_is_directory=True)
+    with caplog.at_level(logging.WARNING):
+        scan = D.scan_folder(root)
+    assert _rows_by_class(scan) == {"alpha": 4, "beta": 3}  # every image once, with its own label
+    assert scan.items["sha256"].is_unique
+    for link in ("alpha/sub/back", "alpha/here"):
+        assert f"{root / link}: a symlink loop" in caplog.text
+    assert any(p == str(root / "alpha/sub/top") and "loop" in reason for p, reason in scan.skipped)
+
+
+def test_links_into_another_class_never_relabel_its_images(tmp_path, caplog):
+    root = tmp_path / "cars"
+    _photos(root / "alpha", 2, 0)
+    _photos(root / "beta", 3, 100)
+    (root / "alpha" / "all_of_beta").symlink_to(root / "beta", target_is_directory=True)
+    (root / "alpha" / "one_of_beta.jpg").symlink_to(root / "beta" / "p0.jpg")
+    (root / "beta_again").symlink_to("beta", target_is_directory=True)  # a class folder under a second name
+    with caplog.at_level(logging.WARNING):
+        scan = D.scan_folder(root)
+    assert _rows_by_class(scan) == {"alpha": 2, "beta": 3}
+    beta = set(scan.items.loc[scan.items["class"] == "beta", "path"])
+    assert beta == {str(root / f"beta/p{i}.jpg") for i in range(3)}
+    assert "all_of_beta: a link into class folder 'beta'" in caplog.text
+    assert "one_of_beta.jpg: a link to an image of class 'beta'" in caplog.text
+    assert "beta_again: the same folder as class 'beta'" in caplog.text
+
+
+def test_a_file_reached_twice_is_counted_once_under_the_first_class_in_sorted_order(tmp_path, caplog):
+    shared = tmp_path / "shared"  # outside the data folder: links to it are followed
+    _photos(shared, 2, 0)
+    root = tmp_path / "cars"
+    _photos(root / "alpha", 1, 50)
+    _photos(root / "beta", 1, 60)
+    for cls in ("beta", "alpha"):
+        (root / cls / "ext").symlink_to(shared, target_is_directory=True)
+    (root / "alpha" / "ext_again").symlink_to(shared, target_is_directory=True)
+    with caplog.at_level(logging.WARNING):
+        scan = D.scan_folder(root)
+    assert _rows_by_class(scan) == {"alpha": 3, "beta": 1}
+    assert f"{root / 'beta/ext'}: the same folder as {root / 'alpha/ext'}" in caplog.text
+    assert f"{root / 'alpha/ext_again'}: the same folder as {root / 'alpha/ext'}" in caplog.text
 
 
 def _items(counts: dict[str, int]) -> pd.DataFrame:
@@ -315,6 +378,29 @@ def test_cli_keeps_its_file_index_in_the_chosen_cache_dir(image_folder, tmp_path
     args = ["data", "split", str(image_folder.root), "--out", str(tmp_path / "m.parquet")]
     assert cli_main(args + ["--cache-dir", str(tmp_path / "cc")]) == 0
     assert (tmp_path / "cc" / "decode" / "files.parquet").is_file()
+
+
+def test_cli_split_to_an_unwritable_path_names_it_without_traceback(image_folder, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
+    out = blocker / "m.parquet"
+    assert cli_main(["data", "split", str(image_folder.root), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the manifest {out}: a part of its folder path is a file" in err and "Traceback" not in err
+
+
+def test_a_full_disk_while_saving_a_manifest_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def disk_fills_up(self, f, **kw):
+        f.write(b"PAR1")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", disk_fills_up)
+    manifest = D.split_items(_items({"a": 5, "b": 5}), ["a", "b"], seed=0)
+    with pytest.raises(DataError, match=f"cannot write the manifest {tmp_path / 'm.parquet'}: no space left"):
+        D.save_manifest(manifest, tmp_path / "m.parquet")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_reports_a_missing_folder_without_traceback(tmp_path, capsys):
