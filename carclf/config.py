@@ -15,11 +15,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from carclf.errors import CarclfError
-
-
-class ConfigError(CarclfError, ValueError):
-    """A configuration value (file, field or override) is invalid; the message names it."""
+# ConfigError lives in carclf.errors (so models.py need not import config); importable from here too.
+from carclf.errors import ConfigError
 
 
 class _Frozen(BaseModel):
@@ -83,9 +80,13 @@ class TrainConfig(_Frozen):
     batch_size: int = Field(default=32, ge=1)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     patience: int = Field(default=3, ge=1)  # early stopping on validation macro-F1
-    num_workers: int | None = Field(default=None, ge=0)  # None: auto (0 on CPU, a few on CUDA)
+    num_workers: int | None = Field(default=None, ge=0)  # loader workers and prefetch; None: auto (0 on CPU)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = True  # mixed precision, used on CUDA only
+    # Split images (uint8) a run keeps on its device, all splits together; larger splits are streamed
+    # from disk per batch. 2 GB holds about 13,000 images at 224 px: model10 is 167 MB, and four trials
+    # sharing one GPU still leave most of its memory to the models.
+    device_data_mb: int = Field(default=2048, ge=0)
 
 
 class SVMConfig(_Frozen):
@@ -97,6 +98,27 @@ class SVMConfig(_Frozen):
     gamma: Union[Literal["scale"], float] = "scale"
     linear_impl: Literal["svc", "liblinear"] = "svc"  # liblinear = LinearSVC, faster on many samples
     augment_copies: int = Field(default=1, ge=1)  # feature passes over the (balanced) train split
+
+    @field_validator("gamma", mode="before")
+    @classmethod
+    def _scale_or_number(cls, v):
+        # One message for both branches of the union, not "should be 'scale'" and "should be a number"
+        if isinstance(v, str) and v != "scale":
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError("gamma must be 'scale' or a positive number") from None
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _network_backbone(cls, v: str) -> str:
+        from carclf.models import is_network, list_models
+
+        networks = [m for m in list_models() if is_network(m)]
+        if v not in networks:
+            raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(networks)}")
+        return v
 
     @field_validator("gamma")
     @classmethod
@@ -198,12 +220,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
+    """One line per problem, naming the field. A union told apart by a tag written `<form>` (see
+    sweeps/spec.py) reports the branch the value's form picked: "(as a range)" instead of one line per branch."""
     lines = [f"invalid {source}:"]
     for e in err.errors():
-        field = ".".join(str(x) for x in e["loc"]) or "(root)"
+        parts = [str(x) for x in e["loc"]]
+        forms = [p[1:-1] for p in parts if p.startswith("<") and p.endswith(">")]
+        field = ".".join(p for p in parts if not (p.startswith("<") and p.endswith(">")))
+        if not field:  # a check across fields: its message names them
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {field}: {e['msg']}{shown}")
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {message}{shown}" + "".join(f" (read as {form})" for form in forms))
     return "\n".join(lines)
 
 

@@ -8,6 +8,10 @@ class CarclfError(Exception):
     """Base of every user-facing carclf error; the message names the offending input."""
 
 
+class ConfigError(CarclfError, ValueError):
+    """A configuration value (file, field or override) is invalid; the message names it."""
+
+
 class DataError(CarclfError):
     """An image folder, manifest or cache entry is missing, empty or unreadable."""
 

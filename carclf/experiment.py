@@ -25,6 +25,7 @@ from carclf.config import RunConfig, load_run_config
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict], None]
+THREADS_TAG = "carclf.torch_threads"  # the CPU threads torch trained with (Ray gives a trial its CPU count)
 # Shown by `carclf train`, in this order, where present.
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted",
                    "top3_accuracy", "roc_auc_ovr_macro")
@@ -48,6 +49,7 @@ class ExperimentResult:
     infer_seconds_per_image: float
     n_params: int
     size_mb: float
+    infer_ms_per_img: float = float("nan")  # inference per image on the validation split (a sweep objective)
 
 
 @dataclass
@@ -62,9 +64,9 @@ class _Outcome:
     infer_seconds_per_image: float
     n_params: int
     size_mb: float
-    input_example: np.ndarray
     metadata: dict
     extra_metrics: dict
+    infer_ms_per_img: float = float("nan")  # on the validation split, so a trial has it without the test split
 
 
 def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, parent_run_id: str | None = None,
@@ -81,7 +83,8 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
     seed_everything(cfg.seed)
     kind = "network" if is_network(cfg.model.name) else "svm"
     log_model = cfg.tracking.log_model if log_model is None else log_model
-    run_tags = {"carclf.model": cfg.model.name, "carclf.kind": kind, **(tags or {})}
+    # CPU float sums depend on the thread count: a retest runs with the trial's (carclf.report.retest)
+    run_tags = {"carclf.model": cfg.model.name, "carclf.kind": kind, THREADS_TAG: _torch_threads(), **(tags or {})}
     with tracking.start_run(experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
                             parent_run_id=parent_run_id, tags=run_tags, uri=cfg.tracking.uri) as run:
         tracking.log_config(cfg)
@@ -92,6 +95,12 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
         outcome = branch(cfg, data, on_epoch=step, evaluate_test=evaluate_test, progress=progress)
         result = _evaluate_and_log(cfg, data, outcome, run.info.run_id, log_model=log_model)
     return result
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _epoch_logger(on_epoch: EpochCallback | None) -> EpochCallback:
@@ -144,42 +153,37 @@ def _class_frequency_png(table: pd.DataFrame, cache_dir) -> Path:
 
 
 def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> _Outcome:
-    from carclf.data import ImageDataset, class_weights
+    from carclf.data import class_weights
+    from carclf.inputs import DeviceBudget, run_batches
     from carclf.models import build_model, count_parameters, model_size_mb
-    from carclf.training import evaluate, fit, make_loader, select_device
-    from carclf.transforms import EvalPreset, TrainPreset
+    from carclf.training import evaluate, fit, select_device
 
     n = len(data.classes)
     model = build_model(cfg.model.name, num_classes=n, weights=cfg.model.weights, finetune=cfg.model.finetune,
                         image_size=cfg.data.image_size)
     ic = model.input_config
     device = select_device(cfg.train.device)
-    bs, workers = cfg.train.batch_size, cfg.train.num_workers
-    train_loader = make_loader(ImageDataset(data.train, data.cache, TrainPreset(ic, cfg.augment.strength)),
-                               batch_size=bs, shuffle=True, device=device, num_workers=workers, seed=cfg.seed)
-    val_set = ImageDataset(data.val, data.cache, EvalPreset(ic))
-    val_loader = make_loader(val_set, batch_size=bs, shuffle=False, device=device, num_workers=workers)
+    budget = DeviceBudget(cfg.train.device_data_mb)
+    batches = run_batches(cfg, data, ic, device, ("train", "val"), budget=budget)
     weights = class_weights(data.train["label"], n) if cfg.balance.class_weights else None
-    fitted = fit(model, train_loader, val_loader, cfg.train, n_classes=n, device=device, class_weights=weights,
-                 on_epoch=on_epoch, progress=progress)
+    fitted = fit(model, batches["train"], batches["val"], cfg.train, n_classes=n, device=device,
+                 class_weights=weights, on_epoch=on_epoch, progress=progress)
     test_out, per_image = None, float("nan")
-    if evaluate_test:
-        test_set = ImageDataset(data.test, data.cache, EvalPreset(ic))
-        loader = make_loader(test_set, batch_size=bs, shuffle=False, device=device, num_workers=workers)
+    if evaluate_test:  # placed only now: a sweep trial never reads the test split
+        test = run_batches(cfg, data, ic, device, ("test",), budget=budget)["test"]
         t0 = time.perf_counter()
-        _, test_out = evaluate(model, loader, device, n_classes=n, amp=cfg.train.amp)
-        per_image = (time.perf_counter() - t0) / max(len(test_set), 1)
-    example = np.stack([val_set[i][0].numpy() for i in range(min(2, len(val_set)))])
-    if len(example) < 2:
-        example = np.concatenate([example, example])[:2]
+        _, test_out = evaluate(model, test, device, n_classes=n, amp=cfg.train.amp)
+        per_image = (time.perf_counter() - t0) / max(test.n_rows, 1)
     metadata = {"classes": data.classes, "input_config": asdict(ic), "model": cfg.model.name, "kind": "network",
                 "weights": cfg.model.weights, "weights_sha256": getattr(model, "weights_sha256", None)}
     return _Outcome(model=model, history=fitted.history, val=fitted.val_output, test=test_out,
                     train_seconds=fitted.seconds, infer_seconds_per_image=per_image,
-                    n_params=count_parameters(model), size_mb=model_size_mb(model), input_example=example,
+                    n_params=count_parameters(model), size_mb=model_size_mb(model),
                     metadata=metadata, extra_metrics={"best_epoch": fitted.best_epoch,
                                                       "epochs_run": len(fitted.history),
-                                                      "n_params_trainable": count_parameters(model, True)})
+                                                      "n_params_trainable": count_parameters(model, True)},
+                    # the fastest epoch's validation pass: the model does not change speed while it learns
+                    infer_ms_per_img=min(r["infer_ms_per_img"] for r in fitted.history))
 
 
 # --------------------------------------------------------------------------- SVM on features
@@ -199,7 +203,9 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
     t0 = time.perf_counter()
     pipeline.fit(sets["train"].features, sets["train"].labels)
     fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
     val = _svm_predict(pipeline, sets["val"], n)
+    svm_ms = 1000.0 * (time.perf_counter() - t0) / max(len(val.y_true), 1)
     test = _svm_predict(pipeline, sets["test"], n) if evaluate_test else None
     val_metrics = classification_metrics(val.y_true, val.y_pred, scores=val.probs, n_classes=n)
     row = {"epoch": 1, "train_accuracy": float((pipeline.predict(sets["train"].features)
@@ -212,12 +218,13 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
     return _Outcome(model=pipeline, history=[row], val=val, test=test, train_seconds=fit_seconds,
                     infer_seconds_per_image=_svm_seconds_per_image(pipeline, sets, meta),
                     n_params=meta.get("backbone_params", 0) + count_parameters(pipeline),
-                    size_mb=meta.get("backbone_size_mb", 0.0) + model_size_mb(pipeline),
-                    input_example=sets["val"].features[:2], metadata=metadata,
+                    size_mb=meta.get("backbone_size_mb", 0.0) + model_size_mb(pipeline), metadata=metadata,
                     extra_metrics={"feature_seconds": extraction, "svm_fit_seconds": fit_seconds,
                                    "feature_cache_hits": sum(bool(s.meta.get("cached")) for s in sets.values()),
                                    "feature_dim": sets["train"].features.shape[1],
-                                   "n_train_features": len(sets["train"].labels)})
+                                   "n_train_features": len(sets["train"].labels)},
+                    # the backbone's time per validation image (taken when its features were extracted) + the SVM's
+                    infer_ms_per_img=1000.0 * float(sets["val"].meta.get("seconds_per_image", 0.0)) + svm_ms)
 
 
 def _svm_predict(pipeline, fs, n_classes: int):
@@ -270,19 +277,20 @@ def _evaluate_and_log(cfg: RunConfig, data, out: _Outcome, run_id: str, *, log_m
     final = {**{f"val_{k}": v for k, v in val_metrics.items()},
              **{f"test_{k}": v for k, v in (test_metrics or {}).items()},
              "train_seconds": out.train_seconds, "infer_seconds_per_image": out.infer_seconds_per_image,
-             "n_params": out.n_params, "size_mb": out.size_mb, **out.extra_metrics}
+             "infer_ms_per_img": out.infer_ms_per_img, "n_params": out.n_params, "size_mb": out.size_mb, **out.extra_metrics}
     tracking.log_metrics(final)
     confusion_val = _log_split_report("val", out.val, data.classes)
     confusion_test = _log_split_report("test", out.test, data.classes) if out.test is not None else None
     _log_history(out.history, curves=not cfg.is_svm)
     if log_model:
-        _log_model(cfg, out)
+        _log_model(cfg, data, out)
     return ExperimentResult(
         run_id=run_id, config=cfg, classes=data.classes, val_metrics=val_metrics, test_metrics=test_metrics,
         history=out.history, confusion_val=confusion_val, confusion_test=confusion_test, model=out.model,
         y_test=None if out.test is None else out.test.y_true, pred_test=None if out.test is None else out.test.y_pred,
         probs_test=None if out.test is None else out.test.probs, train_seconds=out.train_seconds,
-        infer_seconds_per_image=out.infer_seconds_per_image, n_params=int(out.n_params), size_mb=float(out.size_mb))
+        infer_seconds_per_image=out.infer_seconds_per_image, n_params=int(out.n_params), size_mb=float(out.size_mb),
+        infer_ms_per_img=float(out.infer_ms_per_img))
 
 
 def _log_split_report(split: str, output, classes: list[str]) -> np.ndarray:
@@ -308,11 +316,35 @@ def _log_history(history: list[dict], *, curves: bool) -> None:
         tracking.log_figure(training_curves_figure(history), "figures/training_curves.png")
 
 
-def _log_model(cfg: RunConfig, out: _Outcome) -> None:
-    if cfg.is_svm:
-        tracking.log_svm_model(out.model, input_example=out.input_example, metadata=out.metadata)
-    else:
-        tracking.log_network_model(out.model, input_example=out.input_example, metadata=out.metadata)
+def _log_model(cfg: RunConfig, data, out: _Outcome) -> None:
+    """The whole classifier as one MLflow model (photo bytes in, class names out); an SVM ships its backbone."""
+    example = [_example_image(data)]
+    if not cfg.is_svm:
+        tracking.log_network_model(out.model, input_example=example, metadata=out.metadata)
+        return
+    from carclf.errors import WeightsError
+    from carclf.features import build_feature_backbone
+
+    backbone = build_feature_backbone(cfg)  # features may all have come from the cache: rebuild it
+    recorded = out.metadata["backbone_sha256"]
+    if backbone.weights_sha256 is not None and backbone.weights_sha256 != recorded:
+        raise WeightsError(f"backbone weights {cfg.svm.backbone_weights!r} changed during the run "
+                           f"(sha256 {backbone.weights_sha256[:12]}..., features from {recorded[:12]}...)")
+    tracking.log_svm_model(out.model, backbone, input_example=example, metadata=out.metadata)
+
+
+def _example_image(data) -> bytes:
+    """A validation image (a test one if there is none) as JPEG bytes at the model's size: the logged input
+    example, small whatever the original file weighs."""
+    import io
+
+    from PIL import Image
+
+    frame = data.val if len(data.val) else data.test
+    row = frame.iloc[0]
+    buf = io.BytesIO()
+    Image.fromarray(data.cache.load(row["path"], row["sha256"])).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -328,8 +360,20 @@ def summary_table(result: ExperimentResult) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+TRAIN_NEEDS_CONFIG = (
+    "carclf train needs --config FILE, a run config (YAML) that says which model to train on which images: "
+    "the defaults alone would train a CNN for 10 epochs at 224 px, slow on a CPU. Try the demo data (about a "
+    "minute): carclf train "
+    "--config examples/run_svm.yaml --set data.path=demo_data --set data.image_size=96; for your photos, copy "
+    "examples/run_svm.yaml or examples/run_cnn.yaml and set data.path")
+
+
 def cli_train(args) -> int:
     """`carclf train --config run.yaml --set key=value`: validate, run, print the metrics and the run id."""
+    from carclf.errors import ConfigError
+
+    if not args.config:
+        raise ConfigError(TRAIN_NEEDS_CONFIG)
     cfg = load_run_config(args.config, args.overrides)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     print(f"model {cfg.model.name} on {cfg.data.path}; tracking {uri} (experiment {cfg.tracking.experiment!r})")
@@ -338,5 +382,16 @@ def cli_train(args) -> int:
     print(summary_table(result).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\ntrain {result.train_seconds:.1f} s, inference {1000 * result.infer_seconds_per_image:.2f} ms/image, "
           f"{result.n_params:,} parameters, {result.size_mb:.1f} MB")
-    print(f"run id: {result.run_id}")
+    _print_ui_hint(uri, result.run_id)
+    print(f"run id: {result.run_id}")  # the last line: scripts read it
     return 0
+
+
+def _print_ui_hint(uri: str, run_id: str | None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from carclf.browse import ui_heading, ui_path, ui_url
+
+    if run_id:
+        experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+        print(f"{ui_heading(uri)}\n  {ui_url(uri, ui_path(experiment_id, run_id=run_id))}")

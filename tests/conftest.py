@@ -127,10 +127,31 @@ def tracked(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # mlflow.set_tracking_uri (which carclf calls) outranks the variable: forget an earlier test's URI.
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # set_registry_uri exports it to the environment
     monkeypatch.setattr(tracking, "_experiment_ids", {})  # experiment ids are memoised per URI and process
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite database with its schema made (the slow part of a first connection); copy it."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("db") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def tracked_db(tracked, migrated_db) -> str:
+    """`tracked` (a private project root and sqlite URI), its database already made."""
+    import shutil
+
+    shutil.copy2(migrated_db, tracked[len("sqlite:///"):])
+    return tracked
 
 
 @pytest.fixture

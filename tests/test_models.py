@@ -11,7 +11,7 @@ from torch import nn
 
 from carclf import models
 from carclf.config import ConfigError, SVMConfig
-from carclf.errors import WeightsError
+from carclf.errors import DataError, WeightsError
 from carclf.models import (
     build_backbone,
     build_model,
@@ -109,7 +109,7 @@ def test_every_registered_model_learns(name):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_finetune_head_trains_only_the_new_head(name):
     model = build_model(name, num_classes=N_CLASSES, weights="none", finetune="head", image_size=_size(name))
-    head = models._architecture(name).head
+    head = models._architecture(name).network.head
     x, y = _batch(_size(name))
     before = _sgd_step(model, x, y, lr=0.1)
     changed = _changed(model, before)
@@ -288,6 +288,38 @@ def test_svm_rejects_inconsistent_settings():
         build_model("svm", num_classes=N_CLASSES, kernel="poly")
     with pytest.raises(ConfigError, match="degree"):
         build_model("svm", num_classes=N_CLASSES, degree=3)
+
+
+def _svm_data(per_class: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    y = np.repeat(np.arange(len(per_class)), per_class)
+    return np.random.default_rng(0).normal(size=(len(y), 4)) + y[:, None], y
+
+
+def test_svm_calibrates_with_fewer_folds_when_a_class_is_small_and_says_so(caplog):
+    from sklearn.calibration import CalibratedClassifierCV
+
+    X, y = _svm_data([6, 6, 2])
+    pipeline = build_model("svm", num_classes=3)
+    with caplog.at_level("WARNING"):
+        pipeline.fit(X, y)
+    assert "with 2 folds instead of 3" in caplog.text
+    step = pipeline.named_steps["svc"]
+    # Fitted, it is a plain scikit-learn estimator: a saved model needs no carclf class to load.
+    assert type(step) is CalibratedClassifierCV and step.cv == 2
+    assert pipeline.predict_proba(X).shape == (len(y), 3)
+
+
+def test_svm_keeps_its_folds_when_every_class_has_enough(caplog):
+    X, y = _svm_data([4, 3, 5])
+    with caplog.at_level("WARNING"):
+        pipeline = build_model("svm", num_classes=3).fit(X, y)
+    assert pipeline.named_steps["svc"].cv == models.SVM_CALIBRATION_FOLDS and "folds" not in caplog.text
+
+
+def test_svm_refuses_a_class_with_a_single_training_sample():
+    X, y = _svm_data([5, 5, 1])
+    with pytest.raises(DataError, match="class 2 has a single training sample"):
+        build_model("svm", num_classes=3).fit(X, y)
 
 
 def test_parameter_counts_and_sizes():
