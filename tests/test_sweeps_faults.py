@@ -58,7 +58,8 @@ def fake_experiment(cfg, *, on_epoch=None, parent_run_id=None, tags=None, **kw):
                 os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(control.get("seconds", 1.0))
         tracking.log_metrics({"val_f1_macro": score, "test_f1_macro": score, "epochs_run": 1})
-    return SimpleNamespace(run_id=run.info.run_id, val_metrics={"f1_macro": score}, test_metrics={"f1_macro": score})
+    return SimpleNamespace(run_id=run.info.run_id, val_metrics={"f1_macro": score}, test_metrics={"f1_macro": score},
+                           infer_ms_per_img=1.0, size_mb=0.1)
 
 
 def _fake_sweep(tmp_path: Path, control: dict, **over) -> Path:
@@ -103,11 +104,14 @@ def ray_local():
 def _server_pids(db: Path) -> list[int]:
     """The MLflow server serving `db` that this process started (each leads its own process group with uvicorn)."""
     def serves(pid: int) -> bool:
+        # The store is handed over in the environment (MLFLOW_BACKEND_STORE_URI), never on the command line.
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             return False
-        return "mlflow" in cmd and str(db) in cmd
+        store = next((e.decode().split("=", 1)[1] for e in env if e.startswith(b"MLFLOW_BACKEND_STORE_URI=")), "")
+        return "mlflow" in cmd and str(db) in store
 
     return [pid for pid in _descendants(os.getpid()) if serves(pid)]
 
@@ -132,9 +136,12 @@ def test_a_sweep_survives_a_killed_trial_worker_and_a_killed_tracking_server(tmp
         while time.monotonic() < deadline and len(list((tmp_path / "started").glob("*"))) < 2:
             time.sleep(0.2)
         pids = _server_pids(db)
-        for pid in pids:
-            os.killpg(pid, signal.SIGKILL)
         killed_server.extend(pids)
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # uvicorn, in the launcher's group, is gone with it
+                pass
 
     killer = threading.Thread(target=kill_server_mid_trial, daemon=True)
     killer.start()
@@ -145,7 +152,7 @@ def test_a_sweep_survives_a_killed_trial_worker_and_a_killed_tracking_server(tmp
     assert table.attrs["status"] == "FINISHED"
 
     # The server came back on the same port, so every trial logged to one URL throughout.
-    first_url = out.split("MLflow server for this sweep: ")[1].split()[0]
+    first_url = out.split("MLflow server for this sweep, while it runs: ")[1].split()[0]
     assert f"is back on {first_url}" in out
     runs = _children(tracked, table.attrs["parent_run_id"])
     assert {r.data.params["tracking.uri"] for r in runs} == {first_url}
