@@ -376,7 +376,10 @@ def cli_train(args) -> int:
         raise ConfigError(TRAIN_NEEDS_CONFIG)
     cfg = load_run_config(args.config, args.overrides)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    print(f"model {cfg.model.name} on {cfg.data.path}; tracking {uri} (experiment {cfg.tracking.experiment!r})")
+    from carclf.redact import redact
+
+    # the URI may carry a password (https://user:pass@host, postgresql://...): never print it
+    print(f"model {cfg.model.name} on {cfg.data.path}; tracking {redact(uri)} (experiment {cfg.tracking.experiment!r})")
     result = run_experiment(cfg, progress=True)
     print()
     print(summary_table(result).to_string(index=False, float_format=lambda v: f"{v:.4f}"))

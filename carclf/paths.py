@@ -29,6 +29,15 @@ def project_root() -> Path:
     return Path.cwd().resolve()
 
 
+def locate(path: str | Path) -> Path:
+    """A user's path: absolute as given; relative, looked up in the working directory, then the project
+    root (where a sweep file's `data.path` usually points from); the working directory's if in neither."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    return next((c for c in (Path.cwd() / p, project_root() / p) if c.exists()), Path.cwd() / p)
+
+
 def cache_root() -> Path:
     """Default cache folder: `CARCLF_CACHE_DIR`, else `$XDG_CACHE_HOME/carclf`, else `~/.cache/carclf`."""
     env = os.environ.get("CARCLF_CACHE_DIR")

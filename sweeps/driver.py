@@ -120,11 +120,7 @@ def trial_context(plan: SweepPlan, trial_uri: str, parent_run_id: str,
 
 def _absolute(path: str | Path, field_name: str, must_exist: bool) -> Path:
     """Relative paths are taken from the working directory, then from the project root."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        found = p
-    else:
-        found = next((c for c in (Path.cwd() / p, paths.project_root() / p) if c.exists()), Path.cwd() / p)
+    found = paths.locate(path)
     if must_exist and not found.exists():
         raise SweepError(f"{field_name}: {path} does not exist (looked in {Path.cwd()} and {paths.project_root()})")
     return found.resolve()

@@ -54,24 +54,17 @@ def check_weights(key: str, cfg: RunConfig) -> None:
                          f"would fail: {e}") from None
 
 
-def _absolute(path: Path) -> Path:
-    """Like the runner: a relative path is looked up in the working directory, then the project root."""
-    if path.is_absolute():
-        return path
-    return next((c for c in (Path.cwd() / path, paths.project_root() / path) if c.exists()), Path.cwd() / path)
-
-
 def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> None:
     from carclf.data import prepare_data
     from carclf.models import SVM_CALIBRATION_FOLDS
 
-    folder = _absolute(cfg.data.path)
+    folder = paths.locate(cfg.data.path)
     if not folder.is_dir():
         log.info("models.%s: data folder %s is not on this machine; its classes are checked by the trials", key,
                  folder)
         return
     data_cfg = cfg.data.model_copy(update={"path": folder, "cache_dir": cfg.data.cache_dir and
-                                            _absolute(cfg.data.cache_dir)})
+                                            paths.locate(cfg.data.cache_dir)})
     cfg = cfg.model_copy(update={"data": data_cfg})
     memo = json.dumps([cfg.data.model_dump(mode="json"), cfg.split.model_dump(), cfg.balance.model_dump(), cfg.seed,
                        decode])

@@ -47,3 +47,23 @@ def test_log_lines_are_formatted_redacted():
 def test_strip_credentials_leaves_the_address_only():
     assert strip_credentials("http://u:secret@127.0.0.1:5000/x?a=1") == "http://127.0.0.1:5000/x?a=1"
     assert strip_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_carclf_train_prints_its_tracking_uri_without_the_password(tmp_path, monkeypatch, capsys):
+    from argparse import Namespace
+
+    from carclf import experiment
+
+    class Stop(Exception):
+        pass
+
+    def no_run(cfg, **kw):  # the first line is printed before the run starts: stop there
+        raise Stop
+
+    monkeypatch.setattr(experiment, "run_experiment", no_run)
+    config = tmp_path / "run.yaml"
+    config.write_text("tracking: {uri: 'postgresql://mlflow:s3cret@db:5432/mlflow'}\n")
+    with pytest.raises(Stop):
+        experiment.cli_train(Namespace(config=str(config), overrides=[]))
+    out = capsys.readouterr().out
+    assert f"tracking postgresql://mlflow:{MASK}@db:5432/mlflow" in out and "s3cret" not in out
