@@ -114,22 +114,29 @@ def image_folder(tmp_path) -> ImageFolderInfo:
 # tracking and experiment tests)
 
 
-@pytest.fixture
-def tracked(tmp_path, monkeypatch) -> str:
-    """A private project root, cache and sqlite tracking URI (returned); no run is left active afterwards."""
+def use_tracking_uri(uri: str, monkeypatch) -> None:
+    """MLFLOW_TRACKING_URI points at `uri`, and nothing an earlier test set in this process outranks it."""
     import mlflow
 
     from carclf import tracking
 
-    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
-    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # mlflow.set_tracking_uri (which carclf calls) outranks the variable: forget an earlier test's URI.
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # set_registry_uri exports it to the environment
     monkeypatch.setattr(tracking, "_experiment_ids", {})  # experiment ids are memoised per URI and process
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch) -> str:
+    """A private project root, cache and sqlite tracking URI (returned); no run is left active afterwards."""
+    import mlflow
+
+    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setenv("CARCLF_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    use_tracking_uri(uri, monkeypatch)
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import use_tracking_uri
 from tiny_sweep import EXPERIMENT, write_sweep_json
 
 NAME = "pareto"
@@ -155,7 +156,7 @@ def clone(sweep: SpecSweep, dest: Path, monkeypatch) -> str:
     shutil.copy2(sweep.root / "results" / sweep.name / "sweep.yaml", dest / "results" / sweep.name / "sweep.yaml")
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(dest))
     monkeypatch.setenv("CARCLF_CACHE_DIR", str(sweep.cache))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    use_tracking_uri(uri, monkeypatch)  # set_tracking_uri calls made while the sweep was built are forgotten
     return uri
 
 

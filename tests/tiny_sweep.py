@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import use_tracking_uri
+
 EXPERIMENT = "carclf"
 IMAGE_SIZE = 64
 
@@ -145,13 +147,7 @@ def clone(sweeps: TinySweeps, dest: Path, monkeypatch) -> str:
         write_sweep_json(dest, name, meta["parent_run_id"], uri)
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(dest))
     monkeypatch.setenv("CARCLF_CACHE_DIR", str(sweeps.cache))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # mlflow.set_tracking_uri / set_registry_uri (called while the sweeps were built) outrank the variable
-    import mlflow
-
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # set_registry_uri exports it to the environment
+    use_tracking_uri(uri, monkeypatch)  # set_tracking_uri calls made while the sweeps were built are forgotten
     return uri
 
 
