@@ -3,10 +3,11 @@
     sets = split_features(cfg, data, device=select_device())
     sets["train"].features.shape    # (n_train * copies, feature_dim)
 
-A cache entry is keyed by everything that changes the numbers (split manifest, backbone,
-its weights' sha256, image size, features mode and, for the train split, augmentation,
-balancing, seed and number of passes), so a second SVM with another C or gamma reads the
-features back without building the backbone.
+A cache entry is keyed by what changes the numbers (split manifest, the rows fed to the
+backbone, backbone, its weights' sha256 or random-init seed, image size, features mode and, for
+the train split, balancing and the number of passes; the augmentation strength and the seed only
+when augmentation touches a row), so a second SVM with another C or gamma, or a retest with
+another seed of an unaugmented SVM, reads the features back without building the backbone.
 """
 
 from __future__ import annotations
@@ -156,19 +157,53 @@ def weights_id(name: str, weights: str, *, seed: int) -> str:
     return weights_sha256(name, weights) or f"random-seed{seed}"
 
 
+def augments_train_features(cfg: RunConfig, frame: pd.DataFrame | None = None) -> bool:
+    """Whether random augmentation (hence the seed) touches the train split's features.
+
+    Strength 0 is the eval transform. With strength > 0, a second pass (svm.augment_copies > 1) is
+    augmented throughout; a single pass augments only the fill-up copies of oversampling (rows marked
+    `augmented`), or every row when the frame does not mark them. Without the frame, strength > 0 counts.
+    """
+    if cfg.augment.strength == 0.0:
+        return False
+    if cfg.svm.augment_copies > 1 or frame is None or "augmented" not in frame.columns:
+        return True
+    return bool(frame["augmented"].astype(bool).any())
+
+
 def feature_key(cfg: RunConfig, data, split: str, *, weights_sha: str) -> dict:
-    """The cache key of one split's features; train adds the settings that shape its (augmented) rows."""
-    frame = getattr(data, split)
+    """The cache key of one split's features; train adds the settings that shape its (augmented) rows.
+
+    The seed enters only through what it changes: the rows (balancing draws them by seed: `rows`),
+    a random-init backbone (`weights` is 'random-seed<seed>') and, when augmentation touches the
+    features, the augmentation draws. So retests with other seeds reuse unaugmented features.
+    """
     from carclf.data import manifest_hash
 
-    key = {"version": CACHE_VERSION, "split": split, "manifest": manifest_hash(data.manifest),
+    return split_key(cfg, manifest_hash(data.manifest), getattr(data, split), split, weights_sha=weights_sha)
+
+
+def split_key(cfg: RunConfig, manifest_sha: str, frame: pd.DataFrame, split: str, *, weights_sha: str) -> dict:
+    """feature_key from the manifest's hash and the split's rows (as prepare_data makes them)."""
+    key = {"version": CACHE_VERSION, "split": split, "manifest": manifest_sha,
            "rows": frame_hash(frame), "backbone": cfg.svm.backbone, "weights": weights_sha,
            "image_size": cfg.data.image_size, "features": cfg.svm.features}
     if split == "train":
-        key.update({"augment_strength": cfg.augment.strength, "balance_mode": cfg.balance.mode,
-                    "samples_per_class": cfg.balance.samples_per_class, "seed": cfg.seed,
+        key.update({"balance_mode": cfg.balance.mode, "samples_per_class": cfg.balance.samples_per_class,
                     "copies": cfg.svm.augment_copies})
+        if augments_train_features(cfg, frame):
+            key.update({"augment_strength": cfg.augment.strength, "seed": cfg.seed})
     return key
+
+
+def manifest_train_key(cfg: RunConfig, manifest: pd.DataFrame) -> dict:
+    """The train split's feature key from a logged split manifest: balanced by `cfg` as prepare_data does."""
+    from carclf.data import balance, manifest_hash
+
+    train = balance(manifest[manifest["split"] == "train"], mode=cfg.balance.mode,
+                    samples_per_class=cfg.balance.samples_per_class, seed=cfg.seed)
+    sha = weights_id(cfg.svm.backbone, cfg.svm.backbone_weights, seed=cfg.seed)
+    return split_key(cfg, manifest_hash(manifest), train, "train", weights_sha=sha)
 
 
 def _pass_batches(placed, frame: pd.DataFrame, cfg: RunConfig, input_config, copy_index: int | None):

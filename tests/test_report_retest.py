@@ -94,3 +94,45 @@ def test_a_retest_with_the_trials_seed_reproduces_the_trial_on_cpu(tracked, tmp_
              for r in (trial.run_id, retest.run_id)}
     assert curve[retest.run_id] == curve[trial.run_id] and len(curve[trial.run_id]) == 3
     assert retest.val_metrics["f1_macro"] == trial.val_metrics["f1_macro"]
+
+
+def _manifest(per_class=(12, 6, 3)) -> pd.DataFrame:
+    """A split manifest with imbalanced training classes and one test image per class."""
+    rows = []
+    for label, n in enumerate(per_class):
+        shas = [f"{label}-{i:03d}" for i in range(n)] + [f"test-{label}"]
+        rows += [{"path": f"/d/c{label}/{sha}.jpg", "sha256": sha, "class": f"c{label}", "label": label,
+                  "split": "test" if sha.startswith("test") else "train"} for sha in shas]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("settings, deterministic", [
+    ({}, True),  # SVC on unaugmented features of a weights file: the seed changes nothing
+    ({"svm": {"linear_impl": "liblinear", "kernel": "linear"}}, False),  # LinearSVC shuffles by random_state
+    ({"model": {"name": "simple_cnn"}}, False),  # a network draws its weights and batches from the seed
+    ({"svm": {"backbone_weights": "none"}}, False),  # a random-init backbone is seeded
+    ({"balance": {"mode": "both"}}, False),  # balancing draws rows by seed
+    ({"augment": {"strength": 0.5}, "svm": {"augment_copies": 2}}, False),  # augmented passes
+    ({"augment": {"strength": 0.5}}, True),  # augmentation on, but no row is augmented
+])
+def test_only_training_that_no_seed_changes_is_deterministic(tmp_path, settings, deterministic):
+    from carclf.config import deep_merge
+    from carclf.report.retest import deterministic_training
+
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"weights")  # the cache key needs its hash only
+    base = {"model": {"name": "svm"}, "balance": {"mode": "none"}, "augment": {"strength": 0.0},
+            "svm": {"backbone": "mobilenet_v2", "backbone_weights": str(weights)}}
+    cfg = RunConfig.model_validate(deep_merge(base, settings))
+    reason = deterministic_training(cfg, _manifest(), [0, 1, 2])
+    assert bool(reason) == deterministic
+    assert deterministic_training(cfg, _manifest(), [0]) == ""  # one seed: nothing to spare
+
+
+def test_a_missing_backbone_file_is_not_called_deterministic(tmp_path):
+    from carclf.report.retest import deterministic_training
+
+    cfg = RunConfig.model_validate({"model": {"name": "svm"}, "balance": {"mode": "none"}, "augment": {"strength": 0},
+                                    "svm": {"backbone": "mobilenet_v2",
+                                            "backbone_weights": str(tmp_path / "gone.pth")}})
+    assert deterministic_training(cfg, _manifest(), [0, 1]) == ""

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from carclf.stats import METRICS, bootstrap_ci, holm, mcnemar, metric_from_counts, seed_mean_metric
+from carclf.stats import (METRICS, bootstrap_ci, bootstrap_diff_ci, holm, mcnemar, metric_from_counts,
+                          seed_mean_metric)
 
 
 def _noisy(n, n_classes=4, error_rate=0.3, seed=0):
@@ -69,6 +70,27 @@ def test_perfect_predictions_give_a_degenerate_interval_at_one():
     y = np.arange(40) % 4
     r = bootstrap_ci(y, [y, y], "f1_macro", n_boot=200)
     assert (r.low, r.estimate, r.high) == (1.0, 1.0, 1.0)
+
+
+def test_paired_difference_of_identical_models_is_exactly_zero():
+    y, p = _noisy(120, seed=6)
+    r = bootstrap_diff_ci(y, [p, p], p, "f1_macro", n_boot=200)
+    assert (r.low, r.estimate, r.high) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_is_the_difference_and_narrower_than_unpaired_intervals():
+    y, base = _noisy(300, error_rate=0.4, seed=8)
+    better = base.copy()
+    fixed = np.flatnonzero(base != y)[:30]  # the same model, right on 30 more images
+    better[fixed] = y[fixed]
+    r = bootstrap_diff_ci(y, better, base, "accuracy", n_boot=500, seed=3)
+    assert r.estimate == pytest.approx(30 / 300)
+    assert 0 < r.low < r.estimate < r.high
+    a, b = bootstrap_ci(y, better, n_boot=500, seed=3), bootstrap_ci(y, base, n_boot=500, seed=3)
+    # shared errors cancel: the difference's interval is narrower than either model's own (an unpaired
+    # difference of independent estimates would be about 1.4 times wider than them)
+    assert (r.high - r.low) < min(a.high - a.low, b.high - b.low)
+    assert bootstrap_diff_ci(y, base, better, "accuracy", n_boot=500, seed=3).high < 0  # the other way round
 
 
 def test_mcnemar_identical_predictions_p_is_one():

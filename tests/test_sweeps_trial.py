@@ -29,6 +29,24 @@ def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path):
     assert len(list((tmp_path / "sweep-locks").glob("*.done"))) == 1
 
 
+@pytest.mark.parametrize("settings, seed_matters", [
+    ({}, False),  # unaugmented features of a weights file: trials that differ only in seed share them
+    ({"augment": {"strength": 0.5}}, True),
+    ({"balance": {"mode": "both"}}, True),  # balancing draws rows by seed
+    ({"svm": {"backbone_weights": "none"}}, True),  # a random-init backbone is seeded
+])
+def test_trials_wait_for_each_other_only_where_the_seed_leaves_the_features_alone(settings, seed_matters):
+    from carclf.config import RunConfig, deep_merge
+    from sweeps.trial import _feature_key
+
+    base = {"model": {"name": "svm"}, "balance": {"mode": "none"}, "augment": {"strength": 0.0},
+            "svm": {"backbone": "mobilenet_v2", "backbone_weights": "imagenet"}}
+    keys = [_feature_key(RunConfig.model_validate(deep_merge(base, {**settings, "seed": s}))) for s in (0, 1)]
+    assert (keys[0] != keys[1]) == seed_matters
+    other_c = RunConfig.model_validate(deep_merge(base, {**settings, "svm": {**settings.get("svm", {}), "C": 9.0}}))
+    assert _feature_key(other_c) == keys[0]  # C never changes the features
+
+
 def test_first_fill_lock_is_not_marked_done_by_a_failure(tmp_path):
     from sweeps.trial import first_fill_lock
 

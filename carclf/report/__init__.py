@@ -4,7 +4,9 @@
 
 For each model family in a sweep, the finished trial with the best validation metric is
 picked (never a test figure), retrained with several seeds on the same split (only
-`cfg.seed` changes) and evaluated on the untouched test split. Intervals are percentile
+`cfg.seed` changes; once when training is deterministic) and evaluated on the untouched test
+split. The family's default-configuration trial is retested the same way, and the tuning gain
+(best minus default, paired bootstrap interval and McNemar) is said in words. Intervals are percentile
 bootstrap intervals over test images, paired across seeds (each resample draws the same
 images for every seed; the metric is averaged over seeds). McNemar's exact test compares
 the representative runs (the first seed: the trial's own seed, never chosen by a test
@@ -14,22 +16,28 @@ with its interval, and whether McNemar's test tells it from the runner-up.
 
 The steps, one module each: `selection` (the sweep's trials, the best per family), `retest`
 (seeded retraining on the test split), `compare` (intervals, McNemar, per-class tables),
-`render` (figures and the HTML page), `analysis` (the sweep's importance, history and Pareto
-front, read from its parent run) and `build` (the whole report, its files, its MLflow run, and
+`gain` (best against default), `render` (figures and the HTML page), `analysis` (the sweep's
+importance, history and Pareto front, read from its parent run), `edges` (the sweep's
+edge-of-range warnings) and `build` (the whole report, its files, its MLflow run, and
 `carclf report`). Their public names are importable from `carclf.report`.
 """
 
 from carclf.report.analysis import StoredAnalysis, analysis_section, load_analysis
 from carclf.report.build import (REPORT_FILES, SWEEP_PARENT_TAG, WINNER_TAG, ReportResult, build_report, cli_report,
                                  console_table, report_file_name, write_outputs)
+from carclf.report.edges import EDGE_ARTIFACT, edge_lines, edge_section, edge_table, load_edge_warnings
+from carclf.report.gain import (DEFAULT_ROLE, OVERALL, TuningPair, default_retests, default_trials, gain_metrics,
+                                gain_section, gain_sentence, gain_sentences, gain_table, pair_gain, retest_defaults,
+                                verdict)
 from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
                                    per_class_f1_table, pooled_confusion, ranking_metric, split_counts_table, winner,
                                    winner_sentence)
 from carclf.report.render import CONFUSION_PREFIX, data_uri, figure_png, render_html, report_figures
-from carclf.report.retest import (MANIFEST_ARTIFACT, REPORT_RUN_TAG, REPRESENTATIVE_TAG, SEED_INDEX_TAG,
-                                  SOURCE_TRIAL_TAG, TEST_HASH_TAG, FamilyRetest, SeedRun, check_same_test_split,
-                                  manifest_test_hash, retest_family, run_manifest, run_test_hash, seed_configs)
-from carclf.report.selection import (MODEL_TAG, NETWORK_KEYS, ROLE_TAG, STOPPED_TAG, SVM_KEYS, SWEEP_MODEL_TAG,
+from carclf.report.retest import (MANIFEST_ARTIFACT, REPORT_RUN_TAG, REPRESENTATIVE_TAG, RETEST_SEEDS_TAG,
+                                  SEED_INDEX_TAG, SOURCE_TRIAL_TAG, TEST_HASH_TAG, FamilyRetest, SeedRun,
+                                  check_same_test_split, deterministic_training, manifest_test_hash, retest_family,
+                                  retest_trial, run_manifest, run_test_hash, seed_configs)
+from carclf.report.selection import (BASELINE_TAG, MODEL_TAG, NETWORK_KEYS, ROLE_TAG, STOPPED_TAG, SVM_KEYS, SWEEP_MODEL_TAG,
                                      SWEEP_TAG, SweepInfo, chosen_configuration, configuration_keys, family_of,
                                      final_metric, parent_run, resolve_sweep, select_best, sweep_client, sweep_uri,
                                      trial_config, trial_runs, unfinished)
@@ -38,13 +46,17 @@ __all__ = [
     # analysis (the sweep's, as stored on its parent run)
     "StoredAnalysis", "analysis_section", "load_analysis",
     # selection
-    "MODEL_TAG", "NETWORK_KEYS", "ROLE_TAG", "STOPPED_TAG", "SVM_KEYS", "SWEEP_MODEL_TAG", "SWEEP_TAG", "SweepInfo",
+    "BASELINE_TAG", "MODEL_TAG", "NETWORK_KEYS", "ROLE_TAG", "STOPPED_TAG", "SVM_KEYS", "SWEEP_MODEL_TAG", "SWEEP_TAG", "SweepInfo",
     "chosen_configuration", "family_of", "final_metric", "parent_run", "resolve_sweep", "select_best",
     "sweep_client", "sweep_uri", "trial_config", "trial_runs", "unfinished", "configuration_keys",
     # retest
-    "MANIFEST_ARTIFACT", "REPORT_RUN_TAG", "REPRESENTATIVE_TAG", "SEED_INDEX_TAG", "SOURCE_TRIAL_TAG",
-    "TEST_HASH_TAG", "FamilyRetest", "SeedRun", "check_same_test_split", "manifest_test_hash", "retest_family",
-    "run_test_hash", "seed_configs", "run_manifest",
+    "MANIFEST_ARTIFACT", "REPORT_RUN_TAG", "REPRESENTATIVE_TAG", "RETEST_SEEDS_TAG", "SEED_INDEX_TAG",
+    "SOURCE_TRIAL_TAG", "TEST_HASH_TAG", "FamilyRetest", "SeedRun", "check_same_test_split", "deterministic_training",
+    "manifest_test_hash", "retest_family", "retest_trial", "run_test_hash", "seed_configs", "run_manifest",
+    # gain (best against default) and edges (the sweep's edge-of-range warnings)
+    "DEFAULT_ROLE", "OVERALL", "TuningPair", "default_retests", "default_trials", "gain_metrics", "gain_section",
+    "gain_sentence", "gain_sentences", "gain_table", "pair_gain", "retest_defaults", "verdict",
+    "EDGE_ARTIFACT", "edge_lines", "edge_section", "edge_table", "load_edge_warnings",
     # compare
     "TABLE_METRICS", "comparison_table", "confused_pairs_table", "mcnemar_table", "per_class_f1_table",
     "pooled_confusion", "ranking_metric", "split_counts_table", "winner", "winner_sentence",

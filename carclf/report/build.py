@@ -24,11 +24,14 @@ from carclf.errors import SweepError
 from carclf.report.analysis import analysis_section, load_analysis
 from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
                                    per_class_f1_table, ranking_metric, split_counts_table, winner, winner_sentence)
+from carclf.report.edges import edge_lines, edge_section, load_edge_warnings
+from carclf.report.gain import (TuningPair, default_retests, default_trials, defaults_summary, gain_metrics,
+                                gain_problems, gain_records, gain_section, gain_sentences, gain_table, retest_defaults)
 from carclf.report.render import CONFUSION_PREFIX, _with_intervals, figure_png, render_html, report_figures
-from carclf.report.retest import (REPRESENTATIVE_TAG, TEST_HASH_TAG, FamilyRetest, check_same_test_split,
-                                  retest_family, run_manifest, run_test_hash, seed_configs, trial_threads)
+from carclf.report.retest import (REPRESENTATIVE_TAG, RETEST_SEEDS_TAG, TEST_HASH_TAG, FamilyRetest,
+                                  check_same_test_split, retest_trial, run_manifest, run_test_hash)
 from carclf.report.selection import (ROLE_TAG, SWEEP_TAG, SweepInfo, parent_run, resolve_sweep, select_best,
-                                     sweep_client, sweep_uri, trial_config, trial_runs, unfinished)
+                                     sweep_client, trial_runs, unfinished)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ WINNER_TAG = "carclf.winner"  # on the report run: the family the report names b
 REPORT_FILES = {
     "table_csv": "comparison.csv", "table_parquet": "comparison.parquet", "mcnemar": "mcnemar.csv",
     "per_class": "per_class_f1.csv", "confused": "confused_pairs.csv", "status": "trials_not_finished.csv",
-    "split_counts": "split_counts.csv", "bars": "metrics.png", "class_frequency": "class_frequency.png",
+    "split_counts": "split_counts.csv", "gain": "tuning_gain.csv", "bars": "metrics.png",
+    "class_frequency": "class_frequency.png",
     "pareto": "pareto.png", "html": "report.html", "summary": "report.json",
 }  # plus one confusion_<family>.png per family
 
@@ -94,6 +98,9 @@ class ReportResult:
     files: dict[str, Path]
     winner: dict[str, Any] | None = None  # compare.winner: the best family, its interval, the runner-up
     remarks: list[str] = field(default_factory=list)  # expected events worth saying (early stops)
+    gain: pd.DataFrame = field(default_factory=pd.DataFrame)  # gain.gain_table: best against default, per family
+    pairs: list[TuningPair] = field(default_factory=list)  # each family's best and default retests
+    edge_warnings: list[dict[str, Any]] = field(default_factory=list)  # the sweep's edge_warnings.json
 
 
 def _start_report_run(client, info: SweepInfo, n_seeds: int) -> str:
@@ -161,36 +168,30 @@ def build_report(sweep: str | Path, *, seeds: int = 3, out: str | Path | None = 
     return result
 
 
-def _check_trials_share_test_split(client, best: pd.DataFrame) -> None:
-    """Fail before any retraining if the chosen trials were tested on different images."""
-    hashes = {row["model"]: run_test_hash(client, row["run_id"]) for _, row in best.iterrows()}
+def _check_trials_share_test_split(client, chosen: pd.DataFrame) -> None:
+    """Fail before any retraining if the chosen trials (best and default ones) were tested on different images."""
+    hashes = {(row["model"], row["trial_id"]): run_test_hash(client, row["run_id"]) for _, row in chosen.iterrows()}
     if len(set(hashes.values())) > 1:
-        shown = ", ".join(f"{m}: {h[:12]}" for m, h in sorted(hashes.items()))
+        shown = ", ".join(f"{m} trial {t}: {h[:12]}" for (m, t), h in sorted(hashes.items()))
         raise SweepError(f"the chosen trials were tested on different images ({shown}); "
                          "models can only be compared on one test split")
 
 
 def _report_body(client, info, trials, best, report_run_id, seeds, out_dir, n_boot, progress) -> ReportResult:
-    _check_trials_share_test_split(client, best)
-    families = []
-    for _, trial in best.iterrows():
-        cfg = trial_config(client, trial["run_id"])
-        family = FamilyRetest(model=trial["model"], trial_run_id=trial["run_id"], trial_id=str(trial["trial_id"]),
-                              val_metric=float(trial[info.metric]), config=cfg,
-                              threads=trial_threads(client, trial["run_id"]))
-        configs = seed_configs(cfg, seeds, uri=sweep_uri(info), experiment=_experiment_name(client, info),
-                               model=family.model)
-        log.info("retesting %s (trial %s, %s=%.4f) with %d seed(s)%s", family.model, family.trial_id,
-                 info.metric, family.val_metric, seeds,
-                 f" on {family.threads} CPU thread(s), as the trial" if family.threads else "")
-        families.append(retest_family(family, configs, client=client, report_run_id=report_run_id, info=info,
-                                      progress=progress))
-    test_hash = check_same_test_split(families)
-    _tag_retests(client, families, test_hash)
-    problems = _problems(info, trials, best, families, parent_run(client, info).info.status)
+    defaults = default_trials(client, info, trials)
+    _check_trials_share_test_split(client, pd.concat([best, defaults], ignore_index=True))
+    experiment = _experiment_name(client, info)
+    families = [retest_trial(client, info, trial, seeds=seeds, report_run_id=report_run_id, experiment=experiment,
+                             progress=progress) for _, trial in best.iterrows()]
+    pairs = retest_defaults(client, info, defaults, families, seeds=seeds, report_run_id=report_run_id,
+                            experiment=experiment, progress=progress)
+    test_hash = check_same_test_split(families + default_retests(pairs))
+    _tag_retests(client, families + default_retests(pairs), test_hash)
+    problems = _problems(info, trials, best, families, parent_run(client, info).info.status) + gain_problems(pairs)
     if not any(f.runs for f in families):
         raise SweepError(f"sweep {info.name!r}: every retest failed: " + "; ".join(problems))
-    return _write_report(client, info, trials, families, report_run_id, out_dir, n_boot, test_hash, problems, seeds)
+    return _write_report(client, info, trials, families, pairs, report_run_id, out_dir, n_boot, test_hash, problems,
+                         seeds)
 
 
 def _experiment_name(client, info: SweepInfo) -> str:
@@ -202,9 +203,10 @@ def _tag_retests(client, families: list[FamilyRetest], test_hash: str) -> None:
         for r in f.runs:
             client.set_tag(r.run_id, TEST_HASH_TAG, test_hash)
             client.set_tag(r.run_id, REPRESENTATIVE_TAG, str(r is f.representative).lower())
+            client.set_tag(r.run_id, RETEST_SEEDS_TAG, str(len(f.runs)))
 
 
-def _write_report(client, info, trials, families, report_run_id, out_dir, n_boot, test_hash, problems,
+def _write_report(client, info, trials, families, pairs, report_run_id, out_dir, n_boot, test_hash, problems,
                   seeds) -> ReportResult:
     table = comparison_table(families, info.metric, n_boot=n_boot)
     mcn = mcnemar_table(families)
@@ -212,6 +214,8 @@ def _write_report(client, info, trials, families, report_run_id, out_dir, n_boot
     not_finished = unfinished(trials, info.metric)
     split_counts = _split_counts(client, families)
     best, remarks = winner(table, mcn, info.metric, info.mode), _remarks(info, trials)
+    gain = gain_table(pairs, best, info.metric, info.mode, n_boot=n_boot)
+    edges = load_edge_warnings(client, info)
     figures = {k: figure_png(fig) for k, fig in report_figures(families, table, split_counts).items()}
     search, search_figures = analysis_section(load_analysis(client, info), families, info)
     figures.update(search_figures)
@@ -220,19 +224,22 @@ def _write_report(client, info, trials, families, report_run_id, out_dir, n_boot
              "n_test": n_test, "test_hash": test_hash, "n_boot": n_boot, "report_run_id": report_run_id}
     page = render_html(info=info, table=table, mcnemar=mcn, per_class=per_class, confused=confused,
                        not_finished=not_finished, problems=problems, figures_png=figures, notes=notes,
-                       winner=best, remarks=remarks, sections=[search])
+                       winner=best, remarks=remarks, sections=[search],
+                       top_sections=[gain_section(gain, info.metric), edge_section(edges)])
     summary = {**_summary(info, families, report_run_id, test_hash, problems, seeds), "winner": best,
-               "remarks": remarks}
+               "remarks": remarks, "tuning_gain": gain_records(gain), "defaults": defaults_summary(pairs),
+               "edge_warnings": edges}
     files = write_outputs(out_dir, {"table_csv": table, "table_parquet": table, "mcnemar": mcn, "per_class": per_class,
                                     "confused": confused, "status": not_finished, "split_counts": split_counts,
-                                    **figures, "html": page, "summary": summary})
+                                    "gain": gain, **figures, "html": page, "summary": summary})
     for path in files.values():
         client.log_artifact(report_run_id, str(path), "report")
-    _log_report_metrics(client, report_run_id, table)
+    _log_report_metrics(client, report_run_id, table, gain)
     if best is not None:
         client.set_tag(report_run_id, WINNER_TAG, best["model"])
-    client.set_tag(report_run_id, "mlflow.note.content", winner_sentence(best))
-    return ReportResult(info, report_run_id, out_dir, table, mcn, families, problems, files, best, remarks)
+    client.set_tag(report_run_id, "mlflow.note.content", " ".join([winner_sentence(best), *gain_sentences(gain)]))
+    return ReportResult(info, report_run_id, out_dir, table, mcn, families, problems, files, best, remarks, gain,
+                        pairs, edges)
 
 
 def _split_counts(client, families: list[FamilyRetest]) -> pd.DataFrame:
@@ -250,16 +257,19 @@ def _summary(info, families, report_run_id, test_hash, problems, seeds) -> dict[
             "problems": problems,
             "models": {f.model: {"trial_run_id": f.trial_run_id, "val_metric": f.val_metric,
                                  "representative_run_id": f.representative.run_id if f.runs else None,
-                                 "retest_run_ids": [r.run_id for r in f.runs], "errors": f.errors}
+                                 "retest_run_ids": [r.run_id for r in f.runs], "errors": f.errors,
+                                 "deterministic": f.deterministic}
                        for f in families}}
 
 
-def _log_report_metrics(client, run_id: str, table: pd.DataFrame) -> None:
+def _log_report_metrics(client, run_id: str, table: pd.DataFrame, gain: pd.DataFrame) -> None:
     for _, row in table.iterrows():
         for m in TABLE_METRICS:
             value = row[f"test_{m}"]
             if isinstance(value, float) and math.isfinite(value):
                 client.log_metric(run_id, f"{row['model']}.test_{m}", value)
+    for key, value in gain_metrics(gain).items():
+        client.log_metric(run_id, key, value)
 
 
 def console_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -287,8 +297,9 @@ def cli_report(args) -> int:
         print(fit_table(result.mcnemar[["model_a", "model_b", "only_a_right", "only_b_right", "p_holm",
                                         "significant"]]))
     print()
-    for text in [winner_sentence(result.winner), *(f"note: {r}" for r in result.remarks),
-                 *(f"warning: {p}" for p in result.problems)]:
+    for text in [winner_sentence(result.winner), *gain_sentences(result.gain), *(f"note: {r}" for r in result.remarks),
+                 *(f"warning: {p}" for p in result.problems),
+                 *(f"warning: search range: {m}" for m in edge_lines(result.edge_warnings))]:
         print(wrapped(text))
     uri = result.info.tracking_uri
     experiment_id = sweep_client(result.info).get_run(result.report_run_id).info.experiment_id

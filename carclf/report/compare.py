@@ -33,7 +33,7 @@ def comparison_table(families: list[FamilyRetest], metric: str, *, n_boot: int =
             continue
         y, preds, k = f.runs[0].y_true, f.preds, len(f.runs[0].classes)
         row: dict[str, Any] = {"model": f.model, "configuration": chosen_configuration(f.config),
-                               metric: f.val_metric, "seeds": len(f.runs)}
+                               metric: f.val_metric, "seeds": len(f.runs), "deterministic": bool(f.deterministic)}
         for name in TABLE_METRICS:
             values = [stats.seed_mean_metric(y, p, name, k) for p in preds]
             ci = stats.bootstrap_ci(y, preds, name, n_boot=n_boot, level=level, n_classes=k)
@@ -125,7 +125,8 @@ def winner(table: pd.DataFrame, mcnemar: pd.DataFrame, metric: str, mode: str) -
     best = ranked.iloc[0]
     out: dict[str, Any] = {"model": best["model"], "metric": column, "value": float(best[column]),
                            "ci_low": float(best[f"{column}_ci_low"]), "ci_high": float(best[f"{column}_ci_high"]),
-                           "seeds": int(best["seeds"]), "runner_up": None}
+                           "seeds": int(best["seeds"]), "deterministic": bool(best.get("deterministic", False)),
+                           "runner_up": None}
     if len(ranked) > 1:
         second = ranked.iloc[1]
         pair = mcnemar[((mcnemar["model_a"] == best["model"]) & (mcnemar["model_b"] == second["model"]))
@@ -142,8 +143,9 @@ def winner_sentence(w: dict[str, Any] | None) -> str:
     """The winner in words, e.g. for the report's first paragraph and `carclf report`'s last lines."""
     if w is None:
         return "No family was retested: there is no winner."
+    seeds = ("deterministic: retested once" if w.get("deterministic") else f"mean over {w['seeds']} seed(s)")
     head = (f"Winner: {w['model']}, {w['metric']} {w['value']:.3f} "
-            f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] (mean over {w['seeds']} seed(s), 95% bootstrap interval).")
+            f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] ({seeds}, 95% bootstrap interval).")
     if w["runner_up"] is None:
         return head + " It was the only family retested."
     verdict = ("significant" if w["significant"] else "not significant")

@@ -23,6 +23,7 @@ from carclf.report.retest import FamilyRetest
 from carclf.report.selection import SweepInfo
 
 CONFUSION_PREFIX = "confusion_"  # one figure (and file) per family: confusion_<family>
+DETERMINISTIC_NOTE = "deterministic: retested once"
 
 
 def report_figures(families: list[FamilyRetest], table: pd.DataFrame,
@@ -89,7 +90,7 @@ def _html_table(df: pd.DataFrame) -> str:
 
 
 def _is_interval(text: str) -> bool:
-    return " ± " in text and text.endswith("]")
+    return " [" in text and text.endswith("]")
 
 
 def _cell(value: Any) -> str:
@@ -105,10 +106,11 @@ def _with_intervals(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     if table.empty:
         return table
     shown = table[["model", "configuration", metric, "seeds"]].copy()
+    fixed = table["deterministic"].astype(bool) if "deterministic" in table.columns else pd.Series(False, table.index)
+    # a deterministic family is retested once: a spread over seeds would be a meaningless ± 0
+    shown["seeds"] = [DETERMINISTIC_NOTE if d else n for d, n in zip(fixed, table["seeds"])]
     for m in TABLE_METRICS:
-        shown[f"test {m}"] = [f"{r[f'test_{m}']:.3f} ± {r[f'test_{m}_std']:.3f} "
-                              f"[{r[f'test_{m}_ci_low']:.3f}, {r[f'test_{m}_ci_high']:.3f}]"
-                              for _, r in table.iterrows()]
+        shown[f"test {m}"] = [_figure(r, f"test_{m}", spread=not d) for d, (_, r) in zip(fixed, table.iterrows())]
     shown["train s"] = table["train_seconds"].round(1)
     shown["infer ms/img"] = table["infer_ms_per_image"].round(3)
     shown["params"] = table["n_params"]
@@ -116,15 +118,22 @@ def _with_intervals(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return shown
 
 
+def _figure(row, column: str, *, spread: bool) -> str:
+    """'mean ± std [low, high]', or 'value [low, high]' without a spread over seeds."""
+    std = f" ± {row[f'{column}_std']:.3f}" if spread else ""
+    return f"{row[column]:.3f}{std} [{row[f'{column}_ci_low']:.3f}, {row[f'{column}_ci_high']:.3f}]"
+
+
 def render_html(*, info: SweepInfo, table: pd.DataFrame, mcnemar: pd.DataFrame, per_class: pd.DataFrame,
                 confused: pd.DataFrame, not_finished: pd.DataFrame, problems: list[str],
                 figures_png: dict[str, bytes], notes: dict[str, Any], winner: dict[str, Any] | None = None,
-                remarks: Sequence[str] = (), sections: Sequence[str] = ()) -> str:
+                remarks: Sequence[str] = (), sections: Sequence[str] = (), top_sections: Sequence[str] = ()) -> str:
     """One self-contained HTML page: tables inline, figures as base64 data URIs, no external assets.
 
     `problems` (failures, an interrupted sweep) are shown as warnings; `remarks` (trials the scheduler
     stopped early, as it should) in neutral words. `sections`: further self-contained HTML sections
-    (e.g. carclf.report.analysis), placed before the runs.
+    (e.g. carclf.report.analysis), placed before the runs; `top_sections` (the tuning gain, the edge
+    warnings) right after the comparison table.
     """
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>carclf report: {e(info.name)}"
@@ -133,7 +142,8 @@ def render_html(*, info: SweepInfo, table: pd.DataFrame, mcnemar: pd.DataFrame, 
              f"<p class='winner'>{e(winner_sentence(winner))}</p>" if table is not None and not table.empty else "",
              f"<p class='note'>Generated {e(notes['created'])}. Selection: best finished trial per model by "
              f"<b>{e(info.metric)}</b> ({e(info.mode)}) on the validation split. Each chosen configuration was "
-             f"retrained with {notes['seeds']} seed(s) on the same split and evaluated on the test split "
+             f"retrained with {notes['seeds']} seed(s) (once where training is deterministic: an SVM on "
+             "features no seed changes) on the same split and evaluated on the test split "
              f"({notes['n_test']} images, manifest {e(notes['test_hash'][:12])}). "
              "Test figures: mean ± std over seeds, with a 95% percentile bootstrap interval over test images "
              f"({notes['n_boot']} resamples, the same images drawn for every seed, metric averaged over seeds). "
@@ -142,7 +152,7 @@ def render_html(*, info: SweepInfo, table: pd.DataFrame, mcnemar: pd.DataFrame, 
         parts.append("<h2 class='warn'>Left out of the comparison</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in problems)
                      + "</ul>")
     parts += [f"<p class='note'>{e(r)}</p>" for r in remarks]
-    parts += ["<h2>Comparison</h2>", _html_table(_with_intervals(table, info.metric))]
+    parts += ["<h2>Comparison</h2>", _html_table(_with_intervals(table, info.metric)), *top_sections]
     for key, title, caption in _SINGLE_FIGURES:
         if key in figures_png:
             parts.append(f"<h2>{title}</h2><figure><img alt='{e(title)}' src='{data_uri(figures_png[key])}'>"

@@ -6,7 +6,9 @@
 
 Only `cfg.seed` changes between retests; the split stays the trial's. The first retest runs with
 the trial's own seed and, on a CPU, the trial's thread count (float sums depend on it), so that it
-repeats the trial. Every retest is an MLflow child run of the report run. Models are compared only
+repeats the trial. A configuration whose training does not depend on the seed (an SVM on features
+no augmentation touches: `deterministic_training`) is retested once: more seeds would repeat the
+same model. Every retest is an MLflow child run of the report run. Models are compared only
 when every retest was tested on the same images (the hash of the test split's content and labels,
 `manifest_test_hash`).
 """
@@ -18,14 +20,14 @@ import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
 from carclf.config import RunConfig, validate_run_config
 from carclf.errors import CarclfError, SweepError
-from carclf.report.selection import ROLE_TAG, SWEEP_MODEL_TAG, SWEEP_TAG, SweepInfo
+from carclf.report.selection import ROLE_TAG, SWEEP_MODEL_TAG, SWEEP_TAG, SweepInfo, sweep_uri, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ SOURCE_TRIAL_TAG = "carclf.source_trial_run_id"
 REPRESENTATIVE_TAG = "carclf.representative"
 TEST_HASH_TAG = "carclf.test_manifest_hash"
 SEED_INDEX_TAG = "carclf.retest_seed_index"
+RETEST_SEEDS_TAG = "carclf.retest_seeds"  # on every retest run: how many seeds its family was retested with
 MANIFEST_ARTIFACT = "data/manifest.parquet"
 
 
@@ -67,6 +70,7 @@ class FamilyRetest:
     runs: list[SeedRun] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     threads: int | None = None  # the CPU threads the trial trained with; its own seed's retest uses as many
+    deterministic: str = ""  # why another seed would train the same model (then retested once); '' if it may not
 
     @property
     def representative(self) -> SeedRun | None:
@@ -119,13 +123,58 @@ def _seed_run(result, test_hash: str) -> SeedRun:
                    size_mb=float(result.size_mb), classes=list(result.classes), test_hash=test_hash)
 
 
+def deterministic_training(cfg: RunConfig, manifest: pd.DataFrame, seeds: Sequence[int]) -> str:
+    """Why retraining `cfg` with any of `seeds` on the split of `manifest` gives the same model; '' when it may not.
+
+    A network draws its initial weights, batch order and augmentation from the seed. scikit-learn's SVC
+    (svm.linear_impl 'svc') ignores its random_state without probability=True, and the probability
+    calibration cuts unshuffled folds, so the SVM is a function of its training features; those are the
+    same for every seed when their cache keys agree (no augmentation touches a row, balancing draws the same
+    rows, the backbone's weights come from a file). LinearSVC ('liblinear') shuffles by its random_state.
+    """
+    from carclf.features import manifest_train_key
+
+    if not cfg.is_svm or cfg.svm.linear_impl != "svc" or len(seeds) < 2:
+        return ""
+    try:
+        keys = [manifest_train_key(cfg.model_copy(update={"seed": s}), manifest) for s in seeds]
+    except (CarclfError, OSError) as e:  # e.g. the backbone's weights file is missing: the retest will say so
+        log.warning("cannot tell whether %s trains deterministically: %s", cfg.svm.backbone, e)
+        return ""
+    if any(k != keys[0] for k in keys[1:]):
+        return ""
+    return ("an SVM on features that no seed changes (no augmentation, no seeded balancing, pretrained backbone): "
+            "every seed trains the same model")
+
+
+def retest_trial(client, info: SweepInfo, trial: dict | pd.Series, *, seeds: int, report_run_id: str,
+                 experiment: str, role: str = "retest", progress: bool = False) -> FamilyRetest:
+    """Retest one trial's configuration (a row of selection.trial_runs): `seeds` seeds, or one when its
+    training is deterministic; the retest runs carry `carclf.role` = `role`."""
+    cfg = trial_config(client, trial["run_id"])
+    family = FamilyRetest(model=trial["model"], trial_run_id=trial["run_id"], trial_id=str(trial["trial_id"]),
+                          val_metric=float(trial.get(info.metric, float("nan"))), config=cfg,
+                          threads=trial_threads(client, trial["run_id"]))
+    family.deterministic = deterministic_training(cfg, run_manifest(client, trial["run_id"]),
+                                                  [cfg.seed + i for i in range(seeds)])
+    n = 1 if family.deterministic else seeds
+    label = family.model if role == "retest" else f"{family.model}-{role}"
+    configs = seed_configs(cfg, n, uri=sweep_uri(info), experiment=experiment, model=label)
+    log.info("retesting %s%s (trial %s, %s=%.4f) with %d seed(s)%s%s", family.model,
+             "" if role == "retest" else f" ({role})", family.trial_id, info.metric, family.val_metric, n,
+             " (deterministic)" if family.deterministic else "",
+             f" on {family.threads} CPU thread(s), as the trial" if family.threads else "")
+    return retest_family(family, configs, client=client, report_run_id=report_run_id, info=info, role=role,
+                         progress=progress)
+
+
 def retest_family(family: FamilyRetest, configs: list[RunConfig], *, client, report_run_id: str,
-                  info: SweepInfo, progress: bool = False) -> FamilyRetest:
+                  info: SweepInfo, role: str = "retest", progress: bool = False) -> FamilyRetest:
     """Retrain and test one family once per config; a failed seed is recorded, the others go on."""
     from carclf.experiment import run_experiment
 
     for i, cfg in enumerate(configs):
-        tags = {ROLE_TAG: "retest", SWEEP_TAG: info.name, REPORT_RUN_TAG: report_run_id, SWEEP_MODEL_TAG: family.model,
+        tags = {ROLE_TAG: role, SWEEP_TAG: info.name, REPORT_RUN_TAG: report_run_id, SWEEP_MODEL_TAG: family.model,
                 SOURCE_TRIAL_TAG: family.trial_run_id, SEED_INDEX_TAG: i}
         try:
             # the first seed is the trial's own: on the trial's thread count it reproduces the trial;

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 ROLE_TAG, SWEEP_TAG, MODEL_TAG = "carclf.role", "carclf.sweep", "carclf.model"
 SWEEP_MODEL_TAG = "carclf.sweep_model"  # the sweep's model entry (svm_linear, svm_rbf: both model 'svm')
 STOPPED_TAG = "carclf.stopped_early"  # set by the sweep runner on trials the scheduler stopped
+BASELINE_TAG = "carclf.baseline"  # "true" on the trial of a family's default configuration (sweeps since issue 16)
 # The searched settings shown as a model's "chosen configuration"; the full config is the run's config.yaml.
 NETWORK_KEYS = ("model.weights", "model.finetune", "train.optimizer", "train.lr", "train.weight_decay",
                 "train.epochs", "train.batch_size", "augment.strength", "balance.mode", "balance.samples_per_class")
