@@ -59,7 +59,9 @@ class AugmentConfig(_Frozen):
 class ModelConfig(_Frozen):
     name: str = "simple_cnn"
     weights: str = "imagenet"  # 'imagenet' | 'none' | a path to a local state_dict
-    finetune: Literal["head", "full"] = "head"  # transfer learning: train the new head only, or everything
+    # transfer learning: train the new head only, everything, or (probe) the head on cached features of the
+    # frozen backbone, which runs once (carclf.probe)
+    finetune: Literal["head", "full", "probe"] = "head"
 
     @field_validator("name")
     @classmethod
@@ -70,6 +72,16 @@ class ModelConfig(_Frozen):
         if v not in names:
             raise ValueError(f"unknown model {v!r}; allowed: {', '.join(names)}")
         return v
+
+    @model_validator(mode="after")
+    def _probe_has_a_backbone(self) -> "ModelConfig":
+        if self.finetune == "probe":
+            from carclf.probe import probe_problem
+
+            problem = probe_problem(self.name, self.weights)
+            if problem:
+                raise ValueError(problem)
+        return self
 
 
 class TrainConfig(_Frozen):

@@ -92,6 +92,8 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
         _log_data(data, cfg.data.cache_dir)
         step = _epoch_logger(on_epoch)
         branch = _run_network if kind == "network" else _run_svm
+        if cfg.model.finetune == "probe":  # a network's head on cached features of its frozen backbone
+            from carclf.probe import run_probe as branch
         outcome = branch(cfg, data, on_epoch=step, evaluate_test=evaluate_test, progress=progress)
         result = _evaluate_and_log(cfg, data, outcome, run.info.run_id, log_model=log_model)
     return result

@@ -102,7 +102,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, device: tor
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    # channels_last for image batches on CUDA; a probe's feature batches are 2-d
+    memory_format = torch.channels_last if device.type == "cuda" and images.ndim == 4 else torch.contiguous_format
     images = images.to(device, non_blocking=True, memory_format=memory_format)
     return images, labels.to(device, non_blocking=True)
 

@@ -178,7 +178,7 @@ class NetworkSpace(_Space):
     lr: FloatParam | None = FloatRange(low=1e-4, high=1e-2, log=True)
     epochs: IntParam | None = None
     batch_size: IntParam | None = None
-    finetune: _param(Literal["head", "full"]) | None = None
+    finetune: _param(Literal["head", "full", "probe"]) | None = None
     weight_decay: FloatParam | None = None
     optimizer: _param(Literal["adamw", "sgd"]) | None = None
 
