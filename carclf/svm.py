@@ -86,8 +86,8 @@ class _CalibrationFoldsFitToData(CalibratedClassifierCV):
         self.cv = calibration_folds(y, self.cv)
         self.__class__ = CalibratedClassifierCV
         self.fit(X, y, sample_weight=sample_weight, **fit_params)
-        if isinstance(self.estimator, _ScaledGammaSVC):
-            self.estimator = self.estimator.plain()
+        if isinstance(self.estimator, _ScaledGammaSVC):  # with the gamma the final SVC used: a refit keeps it
+            self.estimator = self.estimator.plain(self.calibrated_classifiers_[0].estimator.gamma)
         return self
 
 
@@ -114,9 +114,9 @@ class _ScaledGammaSVC(SVC):
         super().__init__(C=C, kernel=kernel, gamma=gamma, class_weight=class_weight, random_state=random_state)
         self.gamma_factor = gamma_factor
 
-    def plain(self) -> SVC:
-        """The same settings as a plain SVC (the gamma factor is applied when fitting, so it must be 1)."""
-        return SVC(C=self.C, kernel=self.kernel, gamma=self.gamma, class_weight=self.class_weight,
+    def plain(self, gamma) -> SVC:
+        """The same settings as a plain SVC with `gamma` (a number for a factor other than 1: it needs carclf)."""
+        return SVC(C=self.C, kernel=self.kernel, gamma=gamma, class_weight=self.class_weight,
                    random_state=self.random_state)
 
     def fit(self, X, y, sample_weight=None):

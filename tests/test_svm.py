@@ -61,6 +61,7 @@ def test_a_fitted_svm_holds_only_types_the_model_loader_trusts():
     pipeline, _ = fit_svm(_svm(C=2.0, gamma_factor=3.0), X, y)
     step = pipeline.named_steps["svc"]
     assert type(step.estimator) is SVC and type(step.calibrated_classifiers_[0].estimator) is SVC
+    assert step.estimator.gamma == step.calibrated_classifiers_[0].estimator.gamma != "scale"  # a refit keeps it
     untrusted = set(skops.io.get_untrusted_types(data=skops.io.dumps(pipeline))) - set(SVM_TRUSTED_TYPES)
     assert not untrusted
 

@@ -84,8 +84,10 @@ def test_suggest_extends_one_end():
     assert suggest(IntRange(low=1, high=8, log=True), "lower", 1) == (1, 8)  # a log integer range stays >= 1
 
 
-def test_warnings_are_written_to_the_results_folder_and_the_parent_run(tracked_db, tmp_path, run_artifacts):
+def test_warnings_are_written_to_the_results_folder_and_the_parent_run(tracked_db, tmp_path, run_artifacts, capsys):
     from mlflow.tracking import MlflowClient
+
+    from sweeps.runner import _print_edge_warnings
 
     client = MlflowClient(tracked_db)
     parent = client.create_run(client.create_experiment("edges")).info.run_id
@@ -97,5 +99,7 @@ def test_warnings_are_written_to_the_results_folder_and_the_parent_run(tracked_d
     assert read_edge_warnings(info.folder) == warnings and len(warnings) == 1
     assert EDGE_FILE in run_artifacts(parent)
     assert edge_lines(warnings)[1].strip() == warnings[0]["message"]
+    _print_edge_warnings(info.folder)  # the end of `carclf sweep`
+    assert warnings[0]["message"] in capsys.readouterr().out
     write_edge_warnings([], client, info)  # a later analysis with nothing at an edge replaces them
     assert read_edge_warnings(info.folder) == [] and edge_lines([]) == []
