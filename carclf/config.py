@@ -108,6 +108,9 @@ class SVMConfig(_Frozen):
     kernel: Literal["linear", "rbf"] = "rbf"
     C: float = Field(default=1.0, gt=0)
     gamma: Union[Literal["scale"], float] = "scale"
+    # RBF gamma = gamma_factor / (n_features * X.var()) with gamma 'scale': relative to the features' own
+    # scale, so one range suits any backbone; 1.0 is scikit-learn's 'scale'. Only with gamma 'scale'.
+    gamma_factor: float = Field(default=1.0, gt=0)
     linear_impl: Literal["svc", "liblinear"] = "svc"  # liblinear = LinearSVC, faster on many samples
     augment_copies: int = Field(default=1, ge=1)  # feature passes over the (balanced) train split
 
@@ -138,6 +141,22 @@ class SVMConfig(_Frozen):
         if not isinstance(v, str) and v <= 0:
             raise ValueError("gamma must be 'scale' or a positive number")
         return v
+
+    @model_validator(mode="after")
+    def _factor_scales_scale(self) -> "SVMConfig":
+        problem = gamma_factor_problem(self.gamma, self.gamma_factor)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+def gamma_factor_problem(gamma, gamma_factor: float) -> str | None:
+    """What is wrong with this gamma and gamma_factor together (None: nothing): the factor scales 'scale' only."""
+    if gamma != "scale" and gamma_factor != 1.0:
+        return (f"svm.gamma={gamma!r} and svm.gamma_factor={gamma_factor!r}: the factor scales svm.gamma 'scale' "
+                "(1 / (n_features * X.var())); set svm.gamma to 'scale' to use the factor, or leave "
+                "svm.gamma_factor at 1.0 with a numeric svm.gamma")
+    return None
 
 
 class TrackingConfig(_Frozen):

@@ -194,17 +194,17 @@ def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progres
 def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> _Outcome:
     from carclf.features import split_features
     from carclf.metrics import classification_metrics
-    from carclf.models import build_model, count_parameters, model_size_mb
+    from carclf.models import count_parameters, model_size_mb
+    from carclf.svm import fit_svm
     from carclf.training import select_device
 
     n = len(data.classes)
     splits = ("train", "val", "test") if evaluate_test else ("train", "val")
     sets = split_features(cfg, data, device=select_device(cfg.train.device), splits=splits, progress=progress)
-    svm_kw = cfg.svm.model_dump(include={"kernel", "C", "gamma", "linear_impl"})
-    pipeline = build_model("svm", num_classes=n, random_state=cfg.seed, **svm_kw)
     t0 = time.perf_counter()
-    pipeline.fit(sets["train"].features, sets["train"].labels)
+    pipeline, fitted = fit_svm(cfg.svm, sets["train"].features, sets["train"].labels, seed=cfg.seed)
     fit_seconds = time.perf_counter() - t0
+    tracking.set_tags(fitted.tags())  # saturated: every larger C gives this model (a sweep skips those trials)
     t0 = time.perf_counter()
     val = _svm_predict(pipeline, sets["val"], n)
     svm_ms = 1000.0 * (time.perf_counter() - t0) / max(len(val.y_true), 1)
@@ -224,7 +224,7 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
                     extra_metrics={"feature_seconds": extraction, "svm_fit_seconds": fit_seconds,
                                    "feature_cache_hits": sum(bool(s.meta.get("cached")) for s in sets.values()),
                                    "feature_dim": sets["train"].features.shape[1],
-                                   "n_train_features": len(sets["train"].labels)},
+                                   "n_train_features": len(sets["train"].labels), **fitted.metrics()},
                     # the backbone's time per validation image (taken when its features were extracted) + the SVM's
                     infer_ms_per_img=1000.0 * float(sets["val"].meta.get("seconds_per_image", 0.0)) + svm_ms)
 

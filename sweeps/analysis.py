@@ -13,7 +13,8 @@ Pareto front, which Optuna does not draw that way (carclf.figures). The Pareto f
 
 The files go to `results/<name>/analysis/` and to the sweep's parent run under `analysis/`, where
 `carclf report` reads them: `summary.json`, per family `<family>/importance.csv|png`,
-`history.csv|png`, `parallel.png`, `slice.png`, `choices.csv`, and `pareto.csv|png`.
+`history.csv|png`, `parallel.png`, `slice.png`, `choices.csv`, and `pareto.csv|png`. Best values at the
+edge of their search range (sweeps.edges) go to `results/<name>/edge_warnings.json` and the parent run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from sweeps.edges import edge_lines, edge_warnings, write_edge_warnings
 from sweeps.spec import SweepSpec
 from sweeps.studies import SweepTrial, family_study, front_objectives, pareto_study, sweep_spec, sweep_trials
 
@@ -70,6 +72,7 @@ class SweepAnalysis:
     pareto_png: bytes | None
     trials: int
     created: str
+    edges: list[dict[str, Any]] = field(default_factory=list)  # sweeps.edges: best values at the edge of a range
 
     def summary(self) -> dict[str, Any]:
         """summary.json: what `carclf report` reads (figures and tables by their path under analysis/)."""
@@ -311,7 +314,10 @@ def write_analysis(analysis: SweepAnalysis, out_dir: Path) -> Path:
 def run_analysis(spec: SweepSpec, client, info, out_dir: Path) -> SweepAnalysis:
     """Read the sweep's trials from MLflow, analyse them, write `out_dir` and log it to the parent run."""
     trials = sweep_trials(client, info)
+    edges = edge_warnings(spec, trials)
+    write_edge_warnings(edges, client, info)
     analysis = analyze(spec, trials, info.name)
+    analysis.edges = edges
     write_analysis(analysis, out_dir)
     client.log_artifacts(info.parent_run_id, str(out_dir), ANALYSIS_DIR)
     return analysis
@@ -362,7 +368,7 @@ def _show(analysis: SweepAnalysis) -> str:
         front = analysis.pareto[analysis.pareto["on_front"]].sort_values(x)
         lines.append(f"Pareto front ({y} against {x}), {len(front)} of {len(analysis.pareto)} finished trials:")
         lines += [f"  {r['family']} trial {r['trial_id']}: {y} {r[y]:.4f}, {x} {r[x]:.4g}" for _, r in front.iterrows()]
-    return "\n".join(lines)
+    return "\n".join(lines + edge_lines(analysis.edges))
 
 
 def cli_analyze(args) -> int:

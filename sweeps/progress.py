@@ -90,6 +90,8 @@ class SweepProgress(tune.Callback):
                 metrics[f"best_{d.metric}"] = value
                 tags = {"carclf.best_trial_id": trial.trial_id, "carclf.best_model": str(trial.config.get("model"))}
             line = f"[{trial.trial_id}] {trial.config.get('model')} {params} -> {d.metric} {value:.4f} (best {d.best:.4f})"
+            if result.get("equivalent"):  # sweeps.equivalence
+                line += " [not trained: the same model as an earlier trial]"
         d.lines.append(line)
         print(line, flush=True)
         metrics.update(trials_finished=d.finished, trials_failed=d.failed)

@@ -23,12 +23,13 @@ from sweeps.trial import ERROR_TAG, ORPHAN_TAG, STOPPED_TAG, TRIAL_TAG, _trial_r
 log = logging.getLogger(__name__)
 
 # Parameters shown per finished trial and kept as columns of the results table, in this order.
-PARAM_COLUMNS = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma", "backbone": "svm.backbone",
+PARAM_COLUMNS = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma", "gamma_factor": "svm.gamma_factor",
+                 "backbone": "svm.backbone",
                  "lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
                  "finetune": "model.finetune", "weight_decay": "train.weight_decay",
                  "optimizer": "train.optimizer", "augment_strength": "augment.strength",
                  "samples_per_class": "balance.samples_per_class", "image_size": "data.image_size"}
-_SVM_ONLY = {"kernel", "C", "gamma", "backbone"}
+_SVM_ONLY = {"kernel", "C", "gamma", "gamma_factor", "backbone"}
 _NETWORK_ONLY = {"lr", "epochs", "batch_size", "finetune", "weight_decay", "optimizer"}
 
 
@@ -61,7 +62,7 @@ def _param_values(spec: SweepSpec, config: dict) -> dict:
     for col, dotted in PARAM_COLUMNS.items():
         if (network and col in _SVM_ONLY) or (not network and col in _NETWORK_ONLY):
             continue
-        if col == "gamma" and cfg["svm"]["kernel"] == "linear":
+        if col in ("gamma", "gamma_factor") and cfg["svm"]["kernel"] == "linear":
             continue
         if col == "finetune" and not finetune_applies(cfg["model"]["name"], cfg["model"]["weights"]):
             continue  # a network trained from scratch trains whole either way

@@ -34,6 +34,7 @@ from sweeps.analysis import analyze_finished_sweep
 from sweeps.capacity import check_cluster_capacity
 from sweeps.driver import (SweepPlan, _tracking_endpoint, claim_sweep, open_parent_run, plan_sweep, prepare_stores,
                            trial_context, warm_decode_cache)
+from sweeps.edges import edge_lines, read_edge_warnings
 from sweeps.preflight import preflight
 from sweeps.progress import SweepProgress, sweep_progress
 from sweeps.results import PARAM_COLUMNS, _show, close_unfinished_runs, collect_results, orphan_runs, results_table
@@ -165,6 +166,7 @@ def cli_sweep(args) -> int:
     out = table.attrs.get("out_dir")
     print(f"\nresults: {out}/results.csv  (parent MLflow run {table.attrs.get('parent_run_id')})")
     _print_next_steps(out)
+    _print_edge_warnings(out)
     return 130 if table.attrs.get("status") == "KILLED" else 0
 
 
@@ -181,3 +183,10 @@ def _print_next_steps(out_dir) -> None:
         return
     print("\n".join(lines))  # links are not wrapped: a terminal opens them only whole
     print(f"next: carclf report {info.name}   (retests the best configuration per model on the test split)")
+
+
+def _print_edge_warnings(out_dir) -> None:
+    """Best values at an edge of their search range (sweeps.edges), last: what to widen before the next sweep."""
+    lines = edge_lines(read_edge_warnings(out_dir)) if out_dir else []
+    if lines:
+        print("\n" + "\n".join(lines))

@@ -185,12 +185,23 @@ class NetworkSpace(_Space):
 
 class SVMSpace(_Space):
     FIELDS: ClassVar[dict[str, str]] = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma",
-                                        "backbone": "svm.backbone", **_SHARED}
+                                        "gamma_factor": "svm.gamma_factor", "backbone": "svm.backbone", **_SHARED}
     kernel: _param(Literal["linear", "rbf"]) | None = None
     # A searched backbone: each one's features are extracted once and shared by every trial that picks it.
     backbone: _param(str) | None = None
     C: FloatParam | None = FloatRange(low=0.01, high=100.0, log=True)
     gamma: _param(Union[Literal["scale"], float], GammaRange) | None = None  # only used by rbf trials
+    gamma_factor: FloatParam | None = None  # times the 'scale' gamma (carclf.svm); rbf trials only
+
+    @model_validator(mode="after")
+    def _gamma_or_factor(self) -> "SVMSpace":
+        if self.gamma_factor is not None and self.gamma not in (None, "scale"):
+            raise ValueError("gamma and gamma_factor: search one of them; gamma_factor scales gamma 'scale' "
+                             "(drop gamma, or set it to scale)")
+        return self
+
+
+RBF_ONLY = ("gamma", "gamma_factor")  # SVM settings a linear kernel ignores: never drawn for it
 
 
 class Resources(_Strict):
@@ -355,7 +366,8 @@ class SweepSpec(_Strict):
             # The kernel decides whether gamma is sampled, so it is always known (the base's if not searched).
             params.setdefault("kernel", validate_run_config(self.base_config(key)).svm.kernel)
             if "rbf" not in _candidates(params["kernel"]):
-                params.pop("gamma", None)
+                for name in RBF_ONLY:
+                    params.pop(name, None)
         return params
 
     def base_config(self, key: str) -> dict[str, Any]:
@@ -413,7 +425,7 @@ class SearchSpace:
         if kernel is not None:
             out[f"{key}.kernel"] = kernel
         for field, p in params.items():
-            if field == "kernel" or (field == "gamma" and kernel == "linear"):
+            if field == "kernel" or (field in RBF_ONLY and kernel == "linear"):
                 continue
             out[f"{key}.{field}"] = _sample(p, trial, f"{key}.{field}")
         return out

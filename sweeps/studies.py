@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from carclf.config import RunConfig
 from carclf.errors import SweepError
-from sweeps.spec import COST_METRICS, Choice, FloatRange, GammaRange, IntRange, NetworkSpace, SVMSpace, SweepSpec
+from sweeps.spec import (COST_METRICS, RBF_ONLY, Choice, FloatRange, GammaRange, IntRange, NetworkSpace, SVMSpace,
+                         SweepSpec)
 
 _FIELDS = {**NetworkSpace.FIELDS, **SVMSpace.FIELDS}
 
@@ -81,13 +82,13 @@ def space_point(spec: SweepSpec, key: str, value_of: Callable[[str], Any]) -> di
     """The Optuna params (name -> value) that make SearchSpace give model entry `key` this configuration.
 
     `value_of(dotted)` is the configuration's value of a RunConfig field ('svm.C'). Mirrors
-    SearchSpace.__call__: gamma only for an RBF kernel, 'scale' as the `<key>.gamma_scale` switch.
+    SearchSpace.__call__: gamma and gamma_factor only for an RBF kernel, 'scale' as the `<key>.gamma_scale` switch.
     """
     params = spec.model_params(key)
     out: dict[str, Any] = {"model": key} if len(spec.models) > 1 else {}
     kernel = value_of(_FIELDS["kernel"]) if "kernel" in params else None
     for name, p in params.items():
-        if not _searched(p) or (name == "gamma" and kernel == "linear"):
+        if not _searched(p) or (name in RBF_ONLY and kernel == "linear"):
             continue
         value = value_of(_FIELDS[name])
         if isinstance(p, GammaRange) and p.scale:

@@ -297,6 +297,12 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     tags = {SWEEP_TAG: ctx.sweep, ROLE_TAG: "trial", TRIAL_TAG: trial_id, MODEL_TAG: cfg.model.name,
             "carclf.sweep_model": label, "carclf.node_id": ray.get_runtime_context().get_node_id(),
             PARAMS_TAG: params_key(config)}
+    from sweeps.equivalence import equivalent_trial
+
+    same = equivalent_trial(ctx, cfg, label, tags)  # an SVM an earlier trial already trained: not trained again
+    if same is not None:
+        tune.report(same)
+        return
     fn = ctx.experiment_fn
     if fn is None:
         from carclf.experiment import run_experiment as fn

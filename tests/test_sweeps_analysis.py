@@ -74,6 +74,9 @@ def test_importance_and_history_agree_with_the_trials_in_mlflow(pareto_sweep, pa
         for rel in [*family["figures"].values(), *family["tables"].values()]:
             assert f"{ANALYSIS_DIR}/{rel}" in logged and (analysis_folder() / rel).is_file()
     assert {f"{ANALYSIS_DIR}/summary.json", f"{ANALYSIS_DIR}/pareto.csv", f"{ANALYSIS_DIR}/pareto.png"} <= logged
+    # the edge-of-range warnings (sweeps.edges) of the same trials, beside the analysis and on the parent run
+    assert "edge_warnings.json" in logged
+    assert load_json(analysis_folder().parent / "edge_warnings.json") == analysis.edges
 
 
 def analysis_folder():

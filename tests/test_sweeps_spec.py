@@ -225,3 +225,24 @@ def test_the_svm_backbone_is_a_searched_choice():
         assert cfg.svm.backbone == params["svm.backbone"]
         seen.add(cfg.svm.backbone)
     assert seen == {"mobilenet_v2", "resnet18", "efficientnet_b0", "vgg16"}
+
+
+def test_gamma_factor_is_searched_for_rbf_trials_only_and_never_with_a_numeric_gamma():
+    spec = validate_sweep_spec(_minimal(models={"svm": {"space": {
+        "kernel": {"choices": ["linear", "rbf"]}, "gamma_factor": {"low": 0.1, "high": 10.0, "log": True}}}}))
+    kernels = set()
+    for seed in range(20):
+        params = SearchSpace(spec)(_Trial(seed))
+        cfg = spec.run_config(params)
+        kernels.add(cfg.svm.kernel)
+        if cfg.svm.kernel == "rbf":
+            assert cfg.svm.gamma == "scale" and cfg.svm.gamma_factor == params["svm.gamma_factor"]
+        else:
+            assert "svm.gamma_factor" not in params and cfg.svm.gamma_factor == 1.0
+    assert kernels == {"linear", "rbf"}
+    with pytest.raises(ConfigError, match="models.svm.space.*gamma and gamma_factor: search one of them"):
+        validate_sweep_spec(_minimal(models={"svm": {"space": {"gamma": {"low": 1e-3, "high": 1.0},
+                                                               "gamma_factor": {"low": 0.1, "high": 10.0}}}}))
+    with pytest.raises(ConfigError, match=r"svm.gamma=0.01 and svm.gamma_factor=0.1"):
+        validate_sweep_spec(_minimal(base={"data": {"image_size": 32}, "svm": {"gamma": 0.01}},
+                                     models={"svm": {"space": {"gamma_factor": {"low": 0.1, "high": 10.0}}}}))
