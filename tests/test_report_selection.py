@@ -100,7 +100,8 @@ def test_trial_config_falls_back_to_params_when_config_yaml_is_missing(tmp_path)
 
 
 @pytest.mark.parametrize("config, shown, hidden", [
-    ({"model": {"name": "svm"}, "svm": {"kernel": "linear"}}, ["kernel=linear", "C="], ["gamma="]),
+    ({"model": {"name": "svm"}, "svm": {"kernel": "linear"}}, ["kernel=linear", "C="], ["gamma=", "gamma_factor="]),
+    ({"model": {"name": "svm"}, "svm": {"kernel": "rbf", "gamma_factor": 4.0}}, ["kernel=rbf", "gamma_factor=4"], []),
     ({"model": {"name": "svm"}, "svm": {"kernel": "rbf", "gamma": 0.01}}, ["kernel=rbf", "gamma=0.01"], []),
     ({"model": {"name": "simple_cnn", "weights": "none"}}, ["weights=none", "lr="], ["finetune="]),
     ({"model": {"name": "mobilenet_v2", "weights": "imagenet", "finetune": "full"}}, ["finetune=full"], []),

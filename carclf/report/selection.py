@@ -34,7 +34,7 @@ BASELINE_TAG = "carclf.baseline"  # "true" on the trial of a family's default co
 NETWORK_KEYS = ("model.weights", "model.finetune", "train.optimizer", "train.lr", "train.weight_decay",
                 "train.epochs", "train.batch_size", "augment.strength", "balance.mode", "balance.samples_per_class")
 SVM_KEYS = ("svm.backbone", "svm.backbone_weights", "svm.features", "svm.kernel", "svm.C", "svm.gamma",
-            "augment.strength", "balance.mode", "balance.samples_per_class")
+            "svm.gamma_factor", "augment.strength", "balance.mode", "balance.samples_per_class")
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def configuration_keys(cfg: RunConfig) -> tuple[str, ...]:
     from carclf.models import finetune_applies
 
     if cfg.is_svm:
-        keys, unused = SVM_KEYS, {"svm.gamma"} if cfg.svm.kernel == "linear" else set()
+        keys, unused = SVM_KEYS, {"svm.gamma", "svm.gamma_factor"} if cfg.svm.kernel == "linear" else set()
     else:
         keys = NETWORK_KEYS
         unused = set() if finetune_applies(cfg.model.name, cfg.model.weights) else {"model.finetune"}
