@@ -41,6 +41,11 @@ class _Driver:
 _DRIVERS: dict[str, _Driver] = {}
 
 
+def active_driver(sweep: str) -> _Driver | None:
+    """The driver state of a sweep that is running in this process (what pickled callbacks and searchers log to)."""
+    return _DRIVERS.get(sweep)
+
+
 def _short_params(spec: SweepSpec, config: dict) -> str:
     label = config.get("model", "?")
     parts = []
@@ -78,6 +83,8 @@ class SweepProgress(tune.Callback):
         result = trial.last_result or {}
         value = result.get(d.metric)
         params = _short_params(d.spec, trial.config)
+        if trial.config.get("baseline"):
+            params = f"(default) {params}".rstrip()
         metrics: dict[str, float] = {}
         tags: dict[str, str] = {}
         if failed or value is None:

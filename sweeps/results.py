@@ -84,7 +84,8 @@ def results_table(spec: SweepSpec, trials: list, runs: list):
         run = _choose_run(trial_runs)
         label = config.get("model")
         row = {"trial_id": t.trial_id, "model": label, "model_name": spec.model_name(label) if label else None,
-               "status": _status(run, t.status), "attempts": len(trial_runs)}
+               "status": _status(run, t.status), "attempts": len(trial_runs),
+               "baseline": bool(config.get("baseline"))}  # the family's default configuration
         row.update(_param_values(spec, config))
         metrics = run.data.metrics if run is not None else {
             k: v for k, v in (t.last_result or {}).items() if k.startswith(("val_", "test_"))}
@@ -233,6 +234,9 @@ def _show(table, metric: str, width: int | None = None) -> str:
                                "test_accuracy") if c in table.columns]].copy()
     shown["configuration"] = [" ".join(f"{c}={cell_text(_short_number(row[c]))}" for c in varying
                                        if cell_text(row[c]) != "") for _, row in table.iterrows()]
+    if "baseline" in table:  # the family's default configuration, the baseline of its tuning
+        marked = table["baseline"].astype("boolean").fillna(False)
+        shown["configuration"] = [f"(default) {c}".rstrip() if b else c for c, b in zip(shown["configuration"], marked)]
     text = fit_table(shown, width=width, wrap="configuration", optional=["test_accuracy"])
     if same:
         text += "\n" + wrapped("same in every trial that uses it: " + ", ".join(f"{c}={v}" for c, v in same.items()),

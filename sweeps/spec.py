@@ -96,7 +96,7 @@ class SweepSpec(_Strict):
     time_budget_s: float | None = Field(default=None, gt=0)
     scheduler: ASHA | None = ASHA()
     seeds: Seeds = Seeds()
-    n_startup_trials: int | None = Field(default=None, ge=1)  # random trials before TPE models the space
+    n_startup_trials: int | None = Field(default=None, ge=1)  # random trials before TPE, split over the families
     max_failures: int = Field(default=1, ge=0)  # retries of a trial that raised
     tracking_server: Literal["auto", "always", "never"] = "auto"  # auto: a server when the store is local sqlite
     warm_cache: bool = True  # decode every image once on the driver before trials start

@@ -4,8 +4,8 @@
     study = family_study(spec, "svm_rbf", trials, "val_f1_macro", "max")   # an in-memory optuna Study
     point = space_point(spec, "svm_rbf", value_of)               # the Optuna params that give a configuration
 
-MLflow holds each trial's resolved RunConfig (its params), not the names the define-by-run space
-(sweeps.spec.SearchSpace) gave its draws; `space_point` maps a configuration back to those names,
+MLflow holds each trial's resolved RunConfig (its params), not the names the family's define-by-run
+space (sweeps.search.FamilySpace) gave its draws; `space_point` maps a configuration back to those names,
 and `space_distributions` gives their Optuna distributions, both from the sweep file. So a sweep
 that is still running, was interrupted, or ran elsewhere can be studied with Optuna's own tools.
 """
@@ -63,7 +63,11 @@ def _distribution(p):
 
 
 def space_distributions(spec: SweepSpec, key: str) -> dict[str, Any]:
-    """Every parameter the search can draw for model entry `key`, by its Optuna name, with its distribution."""
+    """Every parameter the search can draw for model entry `key`, by its Optuna name, with its distribution.
+
+    With several families `model` (the families as choices) comes first: each family has its own Optuna
+    search (sweeps.budget), so it is never drawn; it names the family a point belongs to.
+    """
     from optuna.distributions import CategoricalDistribution
 
     out: dict[str, Any] = {}
@@ -117,6 +121,15 @@ def fitted(distribution, value):
     if isinstance(distribution, IntDistribution):
         return int(value) if float(value).is_integer() else OUTSIDE
     return float(value) if isinstance(distribution, FloatDistribution) else OUTSIDE
+
+
+def describe_distribution(distribution) -> str:
+    """A distribution in words: "range [0.01, 100]" or "choices ['linear', 'rbf']"."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choices {list(distribution.choices)}"
+    return f"range [{distribution.low:g}, {distribution.high:g}]"
 
 
 def config_value(params: dict[str, str], dotted: str) -> Any:

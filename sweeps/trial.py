@@ -36,6 +36,7 @@ ERROR_TAG = "carclf.error"
 PARAMS_TAG = "carclf.params_key"  # a digest of the trial's sampled parameters: finds its result again on --resume
 ADOPTED_TAG = "carclf.adopted_from"
 ORPHAN_TAG = "carclf.orphan"  # a finished run whose trial Tune lost (see sweeps.results._reconcile)
+BASELINE_TAG = "carclf.baseline"  # "true" on the run of a family's default configuration (sweeps.defaults)
 # How long a stopped trial's thread may take to close its MLflow run before Ray ends the process.
 _STOP_GRACE_S = 60.0
 
@@ -297,6 +298,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     tags = {SWEEP_TAG: ctx.sweep, ROLE_TAG: "trial", TRIAL_TAG: trial_id, MODEL_TAG: cfg.model.name,
             "carclf.sweep_model": label, "carclf.node_id": ray.get_runtime_context().get_node_id(),
             PARAMS_TAG: params_key(config)}
+    if config.get("baseline"):
+        tags[BASELINE_TAG] = "true"
     from sweeps.equivalence import equivalent_trial
 
     same = equivalent_trial(ctx, cfg, label, tags)  # an SVM an earlier trial already trained: not trained again

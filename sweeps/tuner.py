@@ -2,10 +2,11 @@
 
     start, end = fit(spec, name, storage, ctx, address, restore=False)   # Tuner.fit() in a Ray session
 
-The search is a seeded Optuna TPE sampler over the spec's define-by-run space; the scheduler is
-ASHA over network trials only (an SVM reports once); each trial asks for its model entry's
-resources (fractional GPUs pack small trials). `restore=True` continues the Tune experiment
-saved under the storage path.
+The search is sweeps.budget's searcher: each family's default configuration first, then the
+warm-start points, then one seeded Optuna TPE search per family with the trials going to the
+families still improving. The scheduler is ASHA over network trials only (an SVM reports once);
+each trial asks for its model entry's resources (fractional GPUs pack small trials).
+`restore=True` continues the Tune experiment saved under the storage path (searcher included).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from typing import Iterator
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from carclf.errors import SweepError
+from sweeps.budget import budget_search
 from sweeps.progress import SweepBudget, SweepProgress
 from sweeps.session import ray_session
 from sweeps.spec import SweepSpec
@@ -76,15 +77,7 @@ def _tuner(spec: SweepSpec, name: str, storage: str, trainable, callback, restor
         if not tune.Tuner.can_restore(exp_path):
             raise SweepError(f"cannot resume {name!r}: no Ray Tune state at {exp_path}")
         return tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # `group` (conditional spaces sampled per group) is marked experimental; it is what this space needs.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler_kw = {"seed": spec.seeds.sampler, "group": True, "multivariate": True}
-    if spec.n_startup_trials is not None:
-        sampler_kw["n_startup_trials"] = spec.n_startup_trials
-    searcher = _searcher(spec, optuna.samplers.TPESampler(**sampler_kw), points)
+    searcher = budget_search(spec, points, sweep=name)
     scheduler = None  # ASHA follows the first objective (spec.metric) when there are several
     networks = {k for k in spec.models if spec.is_network(k)}
     if spec.scheduler is not None and networks:
@@ -106,24 +99,6 @@ def _tuner(spec: SweepSpec, name: str, storage: str, trainable, callback, restor
                                 progress_reporter=reporter, stop=budget,
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
-
-
-def _searcher(spec: SweepSpec, sampler, points=()):
-    """OptunaSearch over the spec's space; with several objectives, Optuna's multi-objective study.
-
-    `points` (Optuna param dicts) are the first trials, in order: default configurations first, then
-    warm-start points (sweeps.warmstart.warm_start_points), so each family starts from its default.
-    """
-    from ray.tune.search.optuna import OptunaSearch
-
-    if not spec.multi_objective:
-        return OptunaSearch(space=spec.space_fn(), metric=spec.metric, mode=spec.mode, sampler=sampler,
-                            points_to_evaluate=list(points) or None)
-    from sweeps.search import ParetoSearch
-
-    # TPESampler handles several objectives (MOTPE); the study's directions follow the modes.
-    return ParetoSearch(space=spec.space_fn(), metric=spec.objective_names, mode=spec.objective_modes,
-                        sampler=sampler, points_to_evaluate=list(points) or None)
 
 
 @contextlib.contextmanager
@@ -159,7 +134,8 @@ def fit(spec: SweepSpec, name: str, storage: str, ctx: TrialContext, address: st
         restore: bool, points=()) -> tuple[float, float]:
     """Tuner.fit() for the sweep in a Ray session; returns when fitting started and ended (perf_counter).
 
-    `points`: configurations (Optuna param dicts) the search evaluates first, in order.
+    `points`: warm-start configurations (Optuna param dicts, `model` naming the family) the search
+    evaluates after each family's default configuration, in order.
     """
     with _ray_session(address):
         tuner = _tuner(spec, name, storage, make_trainable(ctx), SweepProgress(name), restore=restore, points=points)

@@ -1,9 +1,10 @@
 """Warm start: a new sweep's first trials are the best configurations of an earlier sweep, per family.
 
     carclf sweep sweeps/wide.yaml --warm-start narrow --top 2
-    start = warm_start_points(spec, "narrow", top=2)      # start.points -> OptunaSearch(points_to_evaluate=...)
+    start = warm_start_points(spec, "narrow", top=2)      # start.points -> sweeps.budget.budget_search(spec, points)
 
-A user who widens a space keeps what the earlier sweep learnt. For each model entry of the new
+A user who widens a space keeps what the earlier sweep learnt. The points run right after each
+family's default configuration, each from its family's Optuna search. For each model entry of the new
 sweep, the earlier sweep's `top` best finished trials of the same entry (by its own selection
 metric) become points of the new space: every parameter the new space draws takes the trial's
 value, so the point is the earlier configuration. A value the new space cannot draw (outside a
@@ -20,7 +21,8 @@ from typing import Any
 
 from carclf.errors import SweepError
 from sweeps.spec import SweepSpec
-from sweeps.studies import OUTSIDE, SweepTrial, config_value, fitted, space_distributions, space_point
+from sweeps.studies import (OUTSIDE, SweepTrial, config_value, describe_distribution, fitted, space_distributions,
+                            space_point)
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,10 @@ def points_from_trials(spec: SweepSpec, earlier_spec: SweepSpec | None, trials: 
         for key, best in ranked.items():
             if rank < len(best):
                 _add(start, spec, earlier_spec, key, best[rank], metric)
-    if len(start.points) > spec.num_samples:
-        start.notes.append(f"{len(start.points)} warm-start points but num_samples is {spec.num_samples}: "
-                           f"only the first {spec.num_samples} run")
+    room = max(0, spec.num_samples - len(spec.models))  # each family's default configuration runs first
+    if len(start.points) > room:
+        start.notes.append(f"{len(start.points)} warm-start points but num_samples is {spec.num_samples} and the "
+                           f"{len(spec.models)} default configuration(s) run first: only the first {room} run")
     return start
 
 
@@ -105,7 +108,8 @@ def _point(spec: SweepSpec, earlier_spec: SweepSpec | None, key: str, trial: Swe
     for name, value in space_point(spec, key, value_of).items():
         v = fitted(distributions[name], value)
         if v is OUTSIDE:
-            dropped.append(f"{_short(name)}={value!r} (outside this sweep's {_describe(distributions[name])})")
+            where = describe_distribution(distributions[name])
+            dropped.append(f"{_short(name)}={value!r} (outside this sweep's {where})")
         else:
             point[name] = v
     if earlier_spec is not None and key in earlier_spec.models:
@@ -117,10 +121,3 @@ def _point(spec: SweepSpec, earlier_spec: SweepSpec | None, key: str, trial: Swe
 def _short(name: str) -> str:
     return name.split(".", 1)[-1]
 
-
-def _describe(distribution) -> str:
-    from optuna.distributions import CategoricalDistribution
-
-    if isinstance(distribution, CategoricalDistribution):
-        return f"choices {list(distribution.choices)}"
-    return f"range [{distribution.low:g}, {distribution.high:g}]"

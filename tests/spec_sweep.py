@@ -2,10 +2,11 @@
 
 It leaves what `carclf sweep` leaves: `results/<name>/sweep.json` and `sweep.yaml`, a parent run
 (with the sweep file as its `sweep.yaml` artifact) and one child run per trial with the runner's
-tags. The trials are what the real search proposes: a seeded Optuna TPE study asks the sweep's
-define-by-run space (sweeps.spec.SearchSpace) for each trial, sweeps.trial.trial_config builds its
-RunConfig, carclf.experiment.run_experiment runs it, and the study is told its objectives. Built
-once per test process; `clone` gives a test its own copy of the database.
+tags. The trials are what the real search proposes: the sweep's searcher (sweeps.budget: each
+family's default configuration first, then one seeded Optuna TPE search per family) suggests each
+trial, sweeps.trial.trial_config builds its RunConfig, carclf.experiment.run_experiment runs it, and
+the searcher is told its objectives. Built once per test process; `clone` gives a test its own copy
+of the database.
 
 The sweep 'pareto': an SVM family searching kernel, C, gamma and its backbone (two random-init
 backbones at 32 px) and a one-epoch simple CNN, on two objectives (validation macro-F1 and
@@ -37,7 +38,7 @@ def sweep_file(data_dir: Path, cache: Path, **over) -> dict:
                  "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0},
                  "balance": {"mode": "none"}, "augment": {"strength": 0.0},
                  "train": {"device": "cpu", "num_workers": 0, "batch_size": 16, "amp": False, "epochs": 1},
-                 "model": {"weights": "none"}, "svm": {"backbone_weights": "none"},
+                 "model": {"weights": "none"}, "svm": {"backbone": BACKBONES[0], "backbone_weights": "none"},
                  "tracking": {"experiment": EXPERIMENT, "log_model": False}},
         "models": {"svm": {"space": {"kernel": {"choices": ["linear", "rbf"]},
                                      "C": {"low": 0.01, "high": 100.0, "log": True},
@@ -68,21 +69,17 @@ _BUILT: dict[str, SpecSweep] = {}
 
 
 def run_spec_sweep(data: dict, *, root: Path, uri: str):
-    """Parent run + one trial per `num_samples`, drawn by Optuna from the sweep file `data`. Returns
-    (parent run id, {run_id: drawn params})."""
-    import optuna
-
+    """Parent run + one trial per `num_samples`, each suggested by the searcher of the sweep file `data`.
+    Returns (parent run id, {run_id: suggested params})."""
     from carclf import tracking
     from carclf.experiment import run_experiment
+    from sweeps.budget import budget_search
     from sweeps.spec import validate_sweep_spec
-    from sweeps.trial import TrialContext, trial_config
+    from sweeps.trial import BASELINE_TAG, TrialContext, trial_config
 
     spec = validate_sweep_spec(data)
     text = yaml.safe_dump(data, sort_keys=False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize" if m == "max" else "minimize" for m in spec.objective_modes],
-                                sampler=optuna.samplers.TPESampler(seed=spec.seeds.sampler,
-                                                                   n_startup_trials=spec.n_startup_trials or 10))
+    searcher = budget_search(spec)
     drawn = {}
     with tracking.start_run(experiment=EXPERIMENT, run_name=spec.name, uri=uri,
                             tags={"carclf.sweep": spec.name, "carclf.role": "sweep"}) as parent:
@@ -93,16 +90,17 @@ def run_spec_sweep(data: dict, *, root: Path, uri: str):
         ctx = TrialContext(sweep=spec.name, spec=spec, overrides={"tracking": {"uri": uri, "experiment": EXPERIMENT}},
                            parent_run_id=parent_id, tracking_uri=uri)
         for i in range(spec.num_samples):
-            trial = study.ask()
-            params = spec.space_fn()(trial)
             trial_id = f"{spec.name}_{i:05d}"
+            params = searcher.suggest(trial_id)
             cfg = trial_config(ctx, params, trial_id)
             tags = {"carclf.sweep": spec.name, "carclf.role": "trial", "carclf.trial_id": trial_id,
                     "carclf.sweep_model": params["model"]}
+            if params.get("baseline"):
+                tags[BASELINE_TAG] = "true"
             result = run_experiment(cfg, parent_run_id=parent_id, tags=tags, log_model=False)
-            values = {"val_f1_macro": result.val_metrics["f1_macro"], "infer_ms_per_img": result.infer_ms_per_img,
-                      "size_mb": result.size_mb}
-            study.tell(trial, [values[n] for n in spec.objective_names])
+            searcher.on_trial_complete(trial_id, {"val_f1_macro": result.val_metrics["f1_macro"],
+                                                  "infer_ms_per_img": result.infer_ms_per_img,
+                                                  "size_mb": result.size_mb})
             drawn[result.run_id] = params
     folder = root / "results" / spec.name
     write_sweep_json(root, spec.name, parent_id, uri)

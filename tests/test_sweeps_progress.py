@@ -21,15 +21,15 @@ class _Client:
         return SimpleNamespace(data=SimpleNamespace(metrics={"best_val_f1_macro": self.best}))
 
 
-def _trial(trial_id: str, value: float | None):
+def _trial(trial_id: str, value: float | None, **config):
     result = {} if value is None else {"val_f1_macro": value}
-    return SimpleNamespace(trial_id=trial_id, config={"model": "svm", "svm.C": 1.5}, last_result=result)
+    return SimpleNamespace(trial_id=trial_id, config={"model": "svm", "svm.C": 1.5, **config}, last_result=result)
 
 
 def test_a_line_per_trial_and_the_best_logged_when_it_improves(capsys):
     client, progress = _Client(), SweepProgress("quick")
     with sweep_progress("quick", SPEC, client, "parent", resumed=False) as driver:
-        progress.on_trial_complete(0, [], _trial("t1", 0.5))
+        progress.on_trial_complete(0, [], _trial("t1", 0.5, baseline=True))
         progress.on_trial_complete(1, [], _trial("t2", 0.4))
         progress.on_trial_error(2, [], _trial("t3", None))
         progress.on_trial_complete(3, [], _trial("t4", 0.7))
@@ -41,7 +41,8 @@ def test_a_line_per_trial_and_the_best_logged_when_it_improves(capsys):
     assert [(m["trials_finished"], m["trials_failed"]) for _, m, _ in client.batches] == [(1, 0), (2, 0), (2, 1), (3, 1)]
     assert client.batches[3][2] == {"carclf.best_trial_id": "t4", "carclf.best_model": "svm"}
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "[t1] svm C=1.5 -> val_f1_macro 0.5000 (best 0.5000)"
+    assert lines[0] == "[t1] svm (default) C=1.5 -> val_f1_macro 0.5000 (best 0.5000)"  # the family's baseline
+    assert lines[1] == "[t2] svm C=1.5 -> val_f1_macro 0.4000 (best 0.5000)"
     assert lines[2] == "[t3] svm C=1.5 -> failed" and lines[3].endswith("(best 0.7000)")
 
 

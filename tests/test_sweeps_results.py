@@ -28,16 +28,18 @@ def test_one_row_per_trial_from_the_run_that_represents_it():
     spec = validate_sweep_spec(SPEC)
     # as the search space samples them: the model entry, then '<entry>.<field>' (constants included)
     cnn = {"model": "simple_cnn", "simple_cnn.lr": 0.01, "simple_cnn.epochs": 2}
+    default = {"model": "simple_cnn", "simple_cnn.lr": 0.001, "simple_cnn.epochs": 2, "baseline": True}
     svm = {"model": "svm_linear", "svm_linear.kernel": "linear", "svm_linear.C": 2.0}
     trials = [_trial("t1", cnn), _trial("t2", svm), _trial("t3", cnn),
-              _trial("t4", svm, status="ERROR", last_result={"val_f1_macro": 0.95})]
+              _trial("t4", svm, status="ERROR", last_result={"val_f1_macro": 0.95}), _trial("t0", default)]
     runs = [_run("r1a", "t1", "FAILED", 1, {"val_f1_macro": 0.99}, {"carclf.error": "RuntimeError: boom"}),
             _run("r1b", "t1", "FINISHED", 2, {"val_f1_macro": 0.6, "test_f1_macro": 0.5, "epochs_run": 2.0}),
             _run("r2", "t2", "FINISHED", 3, {"val_f1_macro": 0.8, "test_f1_macro": 0.7}),
-            _run("r3", "t3", "KILLED", 4, {"val_f1_macro": 0.3}, {"carclf.stopped_early": "by Tune after epoch 1"})]
+            _run("r3", "t3", "KILLED", 4, {"val_f1_macro": 0.3}, {"carclf.stopped_early": "by Tune after epoch 1"}),
+            _run("r0", "t0", "FINISHED", 0, {"val_f1_macro": 0.1})]
     table = results_table(spec, trials, runs)
 
-    assert table["trial_id"].tolist() == ["t2", "t1", "t3", "t4"]  # best validation first, no figure last
+    assert table["trial_id"].tolist() == ["t2", "t1", "t3", "t0", "t4"]  # best validation first, no figure last
     rows = table.set_index("trial_id")
     # A retried trial is represented by its finished attempt, not by the failed one's higher figure.
     assert rows.loc["t1", "mlflow_run_id"] == "r1b" and rows.loc["t1", "attempts"] == 2
@@ -52,6 +54,8 @@ def test_one_row_per_trial_from_the_run_that_represents_it():
     assert rows.loc["t1", "lr"] == 0.01 and rows.loc["t1", "epochs"] == 2
     assert pd.isna(rows.loc["t2", "lr"]) and pd.isna(rows.loc["t1", "C"])
     assert "gamma" not in table.columns  # a linear kernel has none
+    # the family's default configuration is marked, and only it
+    assert table.loc[table["baseline"], "trial_id"].tolist() == ["t0"] and rows.loc["t0", "lr"] == 0.001
 
 
 def test_a_sweep_without_trials_gives_an_empty_table():
@@ -109,7 +113,7 @@ def _a_wide_table():
     for i in range(6):
         svm = {"model": "svm_linear", "svm_linear.kernel": "linear", "svm_linear.C": 10.0 ** (i - 3)}
         cnn = {"model": "simple_cnn", "simple_cnn.lr": 0.001 * (i + 1), "simple_cnn.epochs": 2}
-        trials += [_trial(f"s{i}", svm), _trial(f"c{i}", cnn)]
+        trials += [_trial(f"s{i}", {**svm, "baseline": i == 0}), _trial(f"c{i}", cnn)]
         runs += [_run(f"rs{i}", f"s{i}", "FINISHED", i, {"val_f1_macro": 0.5 + i / 20, "test_f1_macro": 0.4,
                                                          "test_accuracy": 0.45}),
                  _run(f"rc{i}", f"c{i}", "FINISHED", i, {"val_f1_macro": 0.3, "test_f1_macro": 0.2,
@@ -129,6 +133,8 @@ def test_the_terminal_table_fits_the_terminal_and_says_shared_settings_once(widt
     assert "epochs=2" in shared and "kernel=linear" in shared and "image_size=32" in shared
     assert "epochs=2" not in text[:text.index("same in every trial")]
     assert "C=0.001" in text and "lr=0.006" in text
+    # the family's default configuration is marked as such
+    assert [line.startswith("s0") for line in text.splitlines() if "(default)" in line] == [True]
     # a network trained from scratch has no finetune setting to show; the CSV keeps every column
     assert "finetune" not in text and "finetune" not in table.columns
 

@@ -229,22 +229,32 @@ def test_two_objective_sweep_with_a_searched_backbone_then_a_warm_start(tmp_path
         hits = [r.data.metrics["feature_cache_hits"] for r in svm if r.data.params["svm.backbone"] == backbone]
         assert hits.count(0) == 1, (backbone, hits)
 
-    # a wider C range, warm-started from the sweep above: its first trials are that sweep's best per family
+    # a wider C range, warm-started from the sweep above: after each family's default configuration, its
+    # first trials are that sweep's best per family (a best that is the new default runs once, as the default)
     models["svm"]["space"]["C"] = {"low": 1e-3, "high": 100.0, "log": True}
     wider = _sweep_file(tmp_path / "wide.yaml", demo_dir, models=models, num_samples=4, n_startup_trials=4,
                         metric=["val_f1_macro", "infer_ms_per_img"], mode=["max", "min"],
                         scheduler={"grace_period": 1})
     warm = run_sweep(wider, name="wide", tracking_uri=tracked, warm_start="mo", top=1)
     client = MlflowClient(tracked)
-    local = client.download_artifacts(warm.attrs["parent_run_id"], "warm_start.json", str(tmp_path))
-    start = json.loads(Path(local).read_text())
+    start = json.loads(Path(client.download_artifacts(warm.attrs["parent_run_id"], "warm_start.json",
+                                                      str(tmp_path))).read_text())
     assert sorted(s["family"] for s in start["sources"]) == ["simple_cnn", "svm"]
-    # Tune's trial ids are random: the first trials are the first runs to start
-    first = sorted(_children(tracked, warm.attrs["parent_run_id"]), key=lambda r: r.info.start_time)
-    first = sorted(first[:len(start["points"])], key=lambda r: r.data.tags["carclf.sweep_model"])
-    for point, source, run in zip(sorted(start["points"], key=lambda p: p["model"]),
-                                  sorted(start["sources"], key=lambda s: s["family"]), first):
-        earlier = client.get_run(source["run_id"])
-        assert run.data.tags["carclf.sweep_model"] == point["model"] == source["family"]
+    decisions = [json.loads(line) for line in Path(client.download_artifacts(
+        warm.attrs["parent_run_id"], "budget.jsonl", str(tmp_path))).read_text().splitlines()]
+    assert [(d["phase"], d["family"]) for d in decisions[:2]] == [("default", "svm"), ("default", "simple_cnn")]
+    from sweeps.defaults import default_trial
+    from sweeps.spec import load_sweep_spec
+
+    spec = load_sweep_spec(wider)
+    fresh = [(p, s) for p, s in zip(start["points"], start["sources"])
+             if {k: v for k, v in p.items() if k != "model"} != default_trial(spec, p["model"]).point]
+    warm_trials = [d for d in decisions if d["phase"] == "warm_start"]
+    assert [d["trial"] for d in warm_trials] == list(range(3, 3 + len(fresh)))
+    runs = {r.data.tags["carclf.trial_id"]: r for r in _children(tracked, warm.attrs["parent_run_id"])}
+    for decision, (point, source) in zip(warm_trials, fresh, strict=True):
+        run, earlier = runs[decision["trial_id"]], client.get_run(source["run_id"])
+        assert run.data.tags["carclf.sweep_model"] == decision["family"] == point["model"] == source["family"]
+        assert "carclf.baseline" not in run.data.tags
         keys = ["svm.C", "svm.backbone"] if point["model"] == "svm" else ["train.lr"]
         assert {k: run.data.params[k] for k in keys} == {k: earlier.data.params[k] for k in keys}

@@ -37,38 +37,52 @@ def test_a_sweep_short_of_trials_within_its_budget_was_interrupted():
     assert _interrupted(spec, done + [SimpleNamespace(status="RUNNING")], fit_seconds=61)  # a trial never ended
 
 
-def test_two_objectives_make_a_multi_objective_search_that_prunes_a_trial_without_both():
+def test_two_objectives_make_a_multi_objective_search_per_family_that_prunes_a_trial_without_both():
     import optuna
 
+    from sweeps.budget import FamilyBudgetSearch, budget_search
     from sweeps.search import ParetoSearch
-    from sweeps.tuner import _searcher
 
     spec = _spec(metric=["val_f1_macro", "size_mb"], mode=["max", "min"])
-    searcher = _searcher(spec, optuna.samplers.TPESampler(seed=0))
-    assert isinstance(searcher, ParetoSearch) and searcher.metric == ["val_f1_macro", "size_mb"]
-    study = searcher._ot_study
-    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    for trial_id in ("done", "stopped"):
+    searcher = budget_search(spec)
+    assert isinstance(searcher, FamilyBudgetSearch) and searcher.metric == ["val_f1_macro", "size_mb"]
+    assert all(isinstance(s, ParetoSearch) for s in searcher.searchers.values())
+    for trial_id in ("default_cnn", "default_svm", "done", "stopped"):
         searcher.suggest(trial_id)
+    # the even start gives each family a sampled trial after its default: one per family here
+    assert {searcher.trials[t]["family"] for t in ("done", "stopped")} == {"simple_cnn", "svm"}
     searcher.on_trial_complete("done", {"val_f1_macro": 0.8, "size_mb": 3.5})
     # a network stopped by ASHA ends on an epoch's result: no model size yet
     searcher.on_trial_complete("stopped", {"val_f1_macro": 0.4, "size_mb": float("nan")})
-    done, stopped = study.trials
-    assert done.state == optuna.trial.TrialState.COMPLETE and done.values == [0.8, 3.5]
-    assert stopped.state == optuna.trial.TrialState.PRUNED
+    states = {}
+    for trial_id in ("done", "stopped"):
+        study = searcher.searchers[searcher.trials[trial_id]["family"]]._ot_study
+        assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+        (trial,) = study.trials
+        states[trial_id] = trial
+    assert states["done"].state == optuna.trial.TrialState.COMPLETE and states["done"].values == [0.8, 3.5]
+    assert states["stopped"].state == optuna.trial.TrialState.PRUNED
 
 
-def test_one_objective_keeps_the_single_objective_search():
+def test_one_objective_keeps_a_single_objective_search_per_family_without_a_model_parameter():
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from sweeps.budget import budget_search
     from sweeps.search import ParetoSearch
-    from sweeps.tuner import _searcher
 
-    searcher = _searcher(_spec(), optuna.samplers.TPESampler(seed=0))
-    assert type(searcher) is OptunaSearch and not isinstance(searcher, ParetoSearch)
+    searcher = budget_search(_spec())
     assert searcher.metric == "val_f1_macro" and searcher.mode == "max"
-    assert searcher._ot_study.direction == optuna.study.StudyDirection.MAXIMIZE
+    for key, family in searcher.searchers.items():
+        assert type(family) is OptunaSearch and not isinstance(family, ParetoSearch)
+        assert family._ot_study.direction == optuna.study.StudyDirection.MAXIMIZE
+    for i in range(4):
+        config = searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"val_f1_macro": 0.5})
+        key = config["model"]
+        # the family is the Tune config's `model`; Optuna draws only the family's own parameters
+        study_params = [t.params for t in searcher.searchers[key]._ot_study.trials]
+        assert all("model" not in p and all(n.startswith(f"{key}.") for n in p) for p in study_params)
 
 
 def test_a_sweep_its_budget_ended_is_finished_however_long_this_run_of_it_took():

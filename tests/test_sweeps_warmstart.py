@@ -79,28 +79,38 @@ def test_a_point_left_without_parameters_is_skipped_and_too_many_points_are_name
     assert "2 warm-start points but num_samples is 1" in notes
 
 
-def test_the_search_runs_exactly_the_warm_start_points_first():
-    import optuna
-
-    from sweeps.tuner import _searcher
+def test_the_search_runs_the_defaults_then_exactly_the_warm_start_points():
+    from sweeps.budget import budget_search
 
     earlier, trials = _earlier()
-    spec = _wider()
+    spec = _wider(num_samples=8)
     start = points_from_trials(spec, earlier, trials, top=2, metric="val_f1_macro", mode="max", source="narrow")
-    searcher = _searcher(spec, optuna.samplers.TPESampler(seed=0), start.points)
-    configs = [searcher.suggest(f"trial{i}") for i in range(len(start.points) + 1)]
-    study = searcher._ot_study
+    searcher = budget_search(spec, start.points)
+    families = len(spec.models)
+    configs = [searcher.suggest(f"trial{i}") for i in range(families + len(start.points) + 1)]
+    # each family's default configuration first, in the sweep file's order
+    assert [(c["model"], c.get("baseline")) for c in configs[:families]] == [(k, True) for k in spec.models]
+    asked = {key: 0 for key in spec.models}
     for i, point in enumerate(start.points):
-        # Optuna's record of the trial holds the point's values; the parameters the point leaves open were sampled
-        assert {k: study.trials[i].params[k] for k in point} == point
-        cfg = spec.run_config(configs[i])
+        config = configs[families + i]
+        assert "baseline" not in config
+        family = point["model"]
+        # the family's Optuna study holds the point's values; the parameters the point leaves open were sampled
+        study = searcher.searchers[family]._ot_study
+        drawn = study.trials[asked[family]].params
+        asked[family] += 1
+        assert {k: drawn[k] for k in point if k != "model"} == {k: v for k, v in point.items() if k != "model"}
+        cfg = spec.run_config(config)
         source = trials[int(start.sources[i]["trial_id"][1:])]
-        assert cfg.model.name == source.family
+        assert config["model"] == cfg.model.name == source.family
         if source.family == "svm":
             assert cfg.svm.kernel == "linear" and ("svm.C" not in point or cfg.svm.C == point["svm.C"])
         else:
             assert cfg.train.lr == float(source.params["train.lr"]) and cfg.train.batch_size == 32
-    assert "fixed_params" not in study.trials[len(start.points)].system_attrs  # then the sampler takes over
+    # then the sampler takes over, and num_samples ends the search
+    after = configs[-1]["model"]
+    assert "fixed_params" not in searcher.searchers[after]._ot_study.trials[asked[after]].system_attrs
+    assert searcher.suggest("trial7") != searcher.FINISHED and searcher.suggest("trial8") == searcher.FINISHED
 
 
 def test_warm_start_is_refused_for_a_resumed_sweep_and_top_must_be_positive():
