@@ -235,8 +235,7 @@ class FamilyBudgetSearch(Searcher):
                  "reason": decision.reason, "families": self.policy.snapshot()}
         self.decisions.append(entry)
         for line in self._news(decision):
-            log.info(line)
-            print(line, flush=True)
+            print(line, flush=True)  # as the progress lines: the sweep's own output
         self._publish()
 
     def _news(self, decision: Decision) -> list[str]:
