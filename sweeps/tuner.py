@@ -85,7 +85,7 @@ def _tuner(spec: SweepSpec, name: str, storage: str, trainable, callback, restor
         scheduler = NetworkASHA(network_models=networks, time_attr="training_iteration", metric=spec.metric,
                                 mode=spec.mode,
                                 grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-                                max_t=s.max_t or spec.max_epochs())
+                                max_t=s.max_t or _max_epochs(spec, searcher))
     # reuse_actors: a trial's process (torch and carclf imported) serves the next trial of the same size.
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_samples,
                                   max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=True)
@@ -99,6 +99,13 @@ def _tuner(spec: SweepSpec, name: str, storage: str, trainable, callback, restor
                                 progress_reporter=reporter, stop=budget,
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _max_epochs(spec: SweepSpec, searcher) -> int:
+    """ASHA's max_t: the most epochs a network trial runs, the families' default configurations included
+    (a default may lie outside its family's epochs range, and ASHA would cut it at the range's end)."""
+    defaults = [spec.run_config(d.config).train.epochs for k, d in searcher.defaults.items() if spec.is_network(k)]
+    return max([spec.max_epochs(), *defaults])
 
 
 @contextlib.contextmanager

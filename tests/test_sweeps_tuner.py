@@ -91,3 +91,12 @@ def test_a_sweep_its_budget_ended_is_finished_however_long_this_run_of_it_took()
     # A resumed sweep whose budget was already spent ends at once: not an interruption.
     assert not _interrupted(spec, done, fit_seconds=0.1, budget_spent=True)
     assert _interrupted(spec, done + [SimpleNamespace(status="PENDING")], fit_seconds=0.1, budget_spent=True)
+
+
+def test_asha_lets_a_default_configuration_run_its_epochs_even_beyond_the_searched_range():
+    from sweeps.budget import budget_search
+    from sweeps.tuner import _max_epochs
+
+    spec = _spec(models={"simple_cnn": {"space": {"epochs": {"low": 2, "high": 4}}}})  # RunConfig's default: 10
+    assert spec.max_epochs() == 4 and _max_epochs(spec, budget_search(spec)) == 10
+    assert _max_epochs(_spec(), budget_search(_spec())) == 2  # the default inside: the range's end
