@@ -23,10 +23,10 @@ def _spec(models: dict, **over):
 
 
 def _two_svms(**over):
-    return _spec({"flat": {"model": "svm", "space": {"kernel": "linear", "C": {"low": 0.01, "high": 100.0, "log": True}}},
-                  "moving": {"model": "svm", "space": {"kernel": "rbf", "C": {"low": 0.01, "high": 100.0, "log": True},
-                                                       "gamma": {"low": 1e-4, "high": 1.0, "log": True, "scale": True}}}},
-                 **over)
+    c = {"low": 0.01, "high": 100.0, "log": True}
+    gamma = {"low": 1e-4, "high": 1.0, "log": True, "scale": True}
+    return _spec({"flat": {"model": "svm", "space": {"kernel": "linear", "C": c}},
+                  "moving": {"model": "svm", "space": {"kernel": "rbf", "C": c, "gamma": gamma}}}, **over)
 
 
 class _Client:
@@ -162,7 +162,8 @@ def test_the_default_trial_is_told_to_its_familys_study_only_when_it_lies_inside
     configs = [searcher.suggest(t) for t in ("d1", "d2")]
     assert [c["baseline"] for c in configs] == [True, True]
     assert spec.run_config(configs[1]).svm.C == 1.0  # runs anyway, outside the range
-    assert "outside's default lies outside its searched space (C=1.0 (outside range [10, 1000]))" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "outside's default lies outside its searched space (C=1.0 (outside range [10, 1000]))" in out
     for trial_id in ("d1", "d2"):
         searcher.on_trial_complete(trial_id, {"val_f1_macro": 0.7})
     (told,) = searcher.searchers["inside"]._ot_study.trials
