@@ -246,3 +246,15 @@ def test_gamma_factor_is_searched_for_rbf_trials_only_and_never_with_a_numeric_g
     with pytest.raises(ConfigError, match=r"svm.gamma=0.01 and svm.gamma_factor=0.1"):
         validate_sweep_spec(_minimal(base={"data": {"image_size": 32}, "svm": {"gamma": 0.01}},
                                      models={"svm": {"space": {"gamma_factor": {"low": 0.1, "high": 10.0}}}}))
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_each_shipped_sweep_file_has_its_default_trials_inside_the_searched_space(path):
+    # A default outside the space still runs, but Optuna cannot learn from it (and, for the SVMs, it costs
+    # its own feature extraction): the shipped files keep every family's default inside.
+    from sweeps.defaults import default_trial
+
+    spec = load_sweep_spec(path)
+    for key in spec.models:
+        assert default_trial(spec, key).outside == [], (path.name, key)
