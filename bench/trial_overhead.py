@@ -70,9 +70,15 @@ def run_bare(n: int, concurrency: int, storage: Path, reuse: bool, fn=bare_trial
 def run_carclf(n: int, concurrency: int, tmp: Path) -> dict:
     from sweeps.runner import run_sweep
 
-    data = tmp / "data" / "one_class"
-    data.mkdir(parents=True)  # the sweep checks the folder exists; no-op trials read nothing
-    spec = {"base": {"data": {"path": str(data.parent), "image_size": 32},
+    from PIL import Image
+
+    # The sweep's preflight reads the data (two tiny classes of real images); no-op trials read nothing.
+    data = tmp / "data"
+    for k, cls in enumerate(("a", "b")):
+        (data / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (40 * k + 10 * i, 80, 120)).save(data / cls / f"{i}.png")
+    spec = {"base": {"data": {"path": str(data), "image_size": 32, "min_images": 2},
                      "svm": {"backbone": "simple_cnn", "backbone_weights": "none"}},
             "models": {"svm": {"resources": {"cpu": 1}, "space": {"kernel": "rbf"}}},
             "num_samples": n, "max_concurrent_trials": concurrency, "n_startup_trials": 5,

@@ -114,8 +114,9 @@ class _EpochReporter:
 def _final_metrics(result, label: str, epochs: int, objectives=()) -> dict:
     metrics = {f"val_{k}": v for k, v in (result.val_metrics or {}).items()}
     metrics.update({f"test_{k}": v for k, v in (result.test_metrics or {}).items()})
-    # the costs a sweep may optimise besides a validation metric (sweeps.spec.COST_METRICS)
-    metrics.update(infer_ms_per_img=getattr(result, "infer_ms_per_img", float("nan")), size_mb=result.size_mb)
+    # the costs a sweep may optimise besides a validation metric (sweeps.spec.COST_METRICS); NaN when the
+    # result does not say (a stand-in experiment function)
+    metrics.update({cost: getattr(result, cost, float("nan")) for cost in COST_METRICS})
     row = _metric_row(metrics, label, objectives)
     row.update(epoch=max(epochs, 1), mlflow_run_id=result.run_id or "")
     return row
