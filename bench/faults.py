@@ -145,9 +145,12 @@ def _server_pids(db: Path) -> list[int]:
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                env = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if "mlflow" in cmd and " server" in cmd and str(db) in cmd:
+            # the store is handed to the server in its environment, never on its command line
+            store = next((e.decode().split("=", 1)[1] for e in env if e.startswith(b"MLFLOW_BACKEND_STORE_URI=")), "")
+            if "mlflow" in cmd and " server" in cmd and str(db) in store:
                 pids.append(int(entry.name))
     return pids
 
@@ -162,8 +165,11 @@ def server_killed(tmp, uri, data):
             time.sleep(0.2)
         time.sleep(2.0)  # mid-trial
         for pid in _server_pids(Path(uri[len("sqlite:///"):])):
-            os.killpg(pid, signal.SIGKILL)  # the server leads its process group: launcher and uvicorn die together
             killed.append(pid)
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the server leads its process group: launcher and uvicorn die together
+            except ProcessLookupError:  # uvicorn, gone with its launcher's group
+                pass
 
     for p in started.glob("*"):
         p.unlink()
