@@ -83,6 +83,20 @@ def atomic_path(path: Path | str, *, mode: int = PRIVATE_FILE_MODE) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path | str) -> Iterator[None]:
+    """Holds an exclusive flock on `path` (created if missing, never removed: removing it would let a
+    waiting process and a newcomer lock two different files); waits for the holder to release it."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def new_temp_file(path: Path, mode: int) -> Path:
     """Create `.<name>.<random>.tmp` beside `path` exclusively (as mkstemp does), with `mode` before the umask."""
     for _ in range(100):

@@ -18,6 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from urllib.parse import urlencode
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from carclf import paths
+from carclf.cache import exclusive_lock
 from carclf.config import RunConfig, flatten
 from carclf.errors import TrackingError
 from carclf.redact import redact, strip_credentials
@@ -105,15 +107,20 @@ def ensure_experiment(name: str, uri: str | None = None, *, created_by: str = "c
     key = (uri, name)
     if key in _experiment_ids:
         return _experiment_ids[key]
-    client = MlflowClient(tracking_uri=uri)
+    db = sqlite_path(uri)
+    # A new sqlite store is created and migrated by the first access: two processes doing it at once (two sweeps
+    # started together) collide in MLflow's migrations, so the first access is taken one process at a time.
+    guard = exclusive_lock(f"{db}-init.lock") if db is not None and db.parent.is_dir() else contextlib.nullcontext()
     try:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            exp_id = _create_experiment(client, name, default_artifact_location(uri, name), created_by)
-        elif exp.lifecycle_stage == "deleted":
+        with guard:
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                exp_id = _create_experiment(client, name, default_artifact_location(uri, name), created_by)
+        if exp is not None and exp.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} at {redact(uri)} is deleted; restore it or pick "
                                 "another name")
-        else:
+        if exp is not None:
             exp_id = exp.experiment_id
     except MlflowException as e:
         raise TrackingError(f"cannot reach MLflow experiment {name!r} at {redact(uri)}: {redact(e.message)}") from None

@@ -248,3 +248,19 @@ def test_a_run_against_a_uri_with_credentials_records_and_logs_no_password(track
     assert got.info.status == "FAILED" and "trainer:***@127.0.0.1" in got.data.tags[tracking.ERROR_TAG]
     assert not [text for text in recorded if "secret" in text]
     assert "secret" not in caplog.text
+
+
+def test_processes_that_first_touch_a_new_sqlite_store_at_once_all_get_the_same_experiment(tmp_path):
+    # Two sweeps started together on a new project both create mlflow.db; MLflow's migrations, run by
+    # both at once, collided ("duplicate column name") before the first access was serialised.
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from carclf.tracking import ensure_experiment; print(ensure_experiment('together', sys.argv[1]))"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
