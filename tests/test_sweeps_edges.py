@@ -90,7 +90,9 @@ def test_warnings_are_written_to_the_results_folder_and_the_parent_run(tracked_d
     from sweeps.runner import _print_edge_warnings
 
     client = MlflowClient(tracked_db)
-    parent = client.create_run(client.create_experiment("edges")).info.run_id
+    from carclf.tracking import ensure_experiment
+
+    parent = client.create_run(ensure_experiment("edges", tracked_db)).info.run_id  # artifacts beside the database
     info = SimpleNamespace(folder=tmp_path / "results" / "s", parent_run_id=parent)
     info.folder.mkdir(parents=True)
     warnings = edge_warnings(SPEC, [_trial(0, "svm_linear", 0.7, svm_C=0.95, svm_kernel="linear",

@@ -37,7 +37,9 @@ class Sweep:
         from sweeps.trial import TrialContext
 
         self.client = MlflowClient(uri)
-        exp = self.client.create_experiment("eq")
+        from carclf.tracking import ensure_experiment
+
+        exp = ensure_experiment("eq", uri)  # artifacts beside the test's database, not in the working directory
         self.parent = self.client.create_run(exp, tags={"carclf.role": "sweep"}).info.run_id
         self.ctx = TrialContext(sweep="eq", spec=spec, overrides={"tracking": {"uri": uri, "experiment": "eq"}},
                                 parent_run_id=self.parent, tracking_uri=uri, experiment_fn=experiment_fn)
