@@ -1,4 +1,4 @@
-"""The `carclf` command line: data, train, sweep, analyze, report, promote, predict, ui, server.
+"""The `carclf` command line: data, train, rank, sweep, analyze, report, promote, predict, ui, server.
 
 Each subcommand imports its module only when it runs, so `carclf --help` is instant. Every option's
 help says its default; `-v` works before or after the subcommand.
@@ -114,6 +114,20 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_handler("carclf.experiment:cli_train"))
 
 
+def _add_rank(sub) -> None:
+    p = _add_parser(sub, "rank", help="score feature backbones on a data set before training on them (LogME)",
+                    description="LogME (You et al., ICML 2021) of each backbone's train-split features, best first. "
+                                "Try: carclf rank demo_data --backbones mobilenet_v2,resnet18 --image-size 96")
+    p.add_argument("data", help="ImageFolder tree: one folder per class")
+    p.add_argument("--backbones", required=True, help="comma-separated names svm.backbone accepts, e.g. "
+                   "mobilenet_v2,resnet18 (no default)")
+    p.add_argument("--image-size", type=int, help="image side in pixels (default: the config's data.image_size, 224)")
+    p.add_argument("--config", help="run config YAML for the data selection, split and balancing (default: none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set svm.backbone_weights=none (repeatable; default: none)")
+    p.set_defaults(func=_handler("carclf.rank:cli_rank"))
+
+
 def _add_sweep(sub) -> None:
     p = _add_parser(sub, "sweep", help="run a Ray Tune + Optuna sweep, every trial tracked in MLflow")
     p.add_argument("file", help="sweep definition YAML (see sweeps/)")
@@ -193,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_data, _add_train, _add_sweep, _add_analyze, _add_report, _add_promote, _add_predict, _add_tracking):
+    for add in (_add_data, _add_train, _add_rank, _add_sweep, _add_analyze, _add_report, _add_promote, _add_predict, _add_tracking):
         add(sub)
     return parser
 

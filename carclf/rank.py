@@ -1,0 +1,158 @@
+"""Rank feature backbones before training on them: LogME on each one's train-split features.
+
+    carclf rank demo_data --backbones mobilenet_v2,resnet18 --image-size 96
+    scores = rank_backbones(cfg, [Candidate("mobilenet_v2"), Candidate("mobilenet_v2", weights="none")])
+
+A candidate is any name `svm.backbone` accepts (and its weights). Its features come from the same
+data selection, split and balancing as a run of `cfg` and through the same feature cache
+(carclf.features), so ranking extracts each backbone once and the SVMs trained afterwards read the
+features back. The score (carclf.logme) reads the train split only: choosing by it is choosing
+without the validation or test images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import pandas as pd
+
+from carclf.config import RunConfig, deep_merge, validate_run_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A backbone to score: a name `svm.backbone` accepts, with its weights (None: the config's)."""
+
+    backbone: Any  # a name, or whatever else svm.backbone accepts (stacked features: a list of names)
+    weights: str | None = None
+
+    @property
+    def label(self) -> str:
+        name = "+".join(map(str, self.backbone)) if isinstance(self.backbone, (list, tuple)) else str(self.backbone)
+        return name if self.weights is None else f"{name} ({weights_label(self.weights)})"
+
+
+def weights_label(weights: str) -> str:
+    """'imagenet', 'none' or a weights file's name (its folder differs per machine)."""
+    from pathlib import Path
+
+    return weights if weights in ("imagenet", "none") else Path(weights).name
+
+
+@dataclass
+class BackboneScore:
+    """One candidate's LogME score and what it cost."""
+
+    backbone: str  # the candidate's label
+    logme: float
+    n_train: int  # feature rows scored (the balanced train split)
+    feature_dim: int
+    feature_seconds: float  # this call's time to have the features: extraction, or reading the cache
+    extraction_seconds: float  # what extracting them took, when it ran (kept in the cache entry)
+    score_seconds: float
+    cached: bool  # the features came from the cache
+
+
+def candidate_config(cfg: RunConfig, candidate: Candidate) -> RunConfig:
+    """`cfg` as an SVM run on the candidate's features (validated: an unknown name fails here, naming it)."""
+    svm: dict[str, Any] = {"backbone": candidate.backbone}
+    if candidate.weights is not None:
+        svm["backbone_weights"] = candidate.weights
+    data = deep_merge(cfg.to_dict(), {"model": {"name": "svm", "finetune": "head"}, "svm": svm})
+    return validate_run_config(data, f"backbone {candidate.label}")
+
+
+def score_features(cfg: RunConfig, data, *, device, label: str | None = None, progress: bool = False
+                   ) -> BackboneScore:
+    """LogME of `cfg`'s backbone on the train split of `data`, its features read from (or written to) the cache."""
+    from carclf.features import split_features
+    from carclf.logme import logme
+
+    t0 = time.perf_counter()
+    train = split_features(cfg, data, device=device, splits=("train",), progress=progress)["train"]
+    feature_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    score = logme(train.features, train.labels)
+    return BackboneScore(backbone=label or str(cfg.svm.backbone), logme=score, n_train=len(train.labels), feature_dim=train.features.shape[1],
+                         feature_seconds=feature_seconds, extraction_seconds=float(train.meta.get("seconds", 0.0)),
+                         score_seconds=time.perf_counter() - t0, cached=bool(train.meta.get("cached")))
+
+
+def rank_backbones(cfg: RunConfig, candidates: Sequence[Candidate], *, data=None, progress: bool = False
+                   ) -> list[BackboneScore]:
+    """Each candidate scored on `cfg`'s data (every name checked before any work), best first."""
+    from carclf.data import prepare_data
+    from carclf.training import select_device
+
+    configs = [(c, candidate_config(cfg, c)) for c in candidates]
+    for c, ccfg in configs:
+        _check_usable(ccfg, c)
+    if data is None:
+        data = prepare_data(cfg, image_size=cfg.data.image_size, progress=progress)
+    device = select_device(cfg.train.device)
+    scores = []
+    for c, ccfg in configs:
+        log.info("scoring backbone %s", c.label)
+        scores.append(score_features(ccfg, data, device=device, label=c.label, progress=progress))
+    return sorted(scores, key=lambda s: s.logme, reverse=True)
+
+
+def _check_usable(cfg: RunConfig, candidate: Candidate) -> None:
+    """Every candidate's weights are there and the images are large enough for it: said before any backbone runs."""
+    from carclf.errors import ConfigError
+    from carclf.features import weights_id
+    from carclf.models import min_image_size
+
+    weights_id(cfg.svm.backbone, cfg.svm.backbone_weights, seed=cfg.seed)  # a missing file raises, naming it
+
+    names = candidate.backbone if isinstance(candidate.backbone, (list, tuple)) else [candidate.backbone]
+    for name in names:
+        need = min_image_size(name)
+        if cfg.data.image_size < need:
+            raise ConfigError(f"backbone {name}: image size {cfg.data.image_size} is below its minimum of {need} px; "
+                              f"pass --image-size {need} or more")
+
+
+def scores_table(scores: Sequence[BackboneScore]) -> pd.DataFrame:
+    """One row per candidate, best first, with the rank."""
+    frame = pd.DataFrame([asdict(s) for s in scores])
+    if frame.empty:
+        return frame
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    return frame
+
+
+def parse_backbones(text: str) -> list[str]:
+    """'a,b, c' -> ['a', 'b', 'c'] (empty entries refused)."""
+    from carclf.errors import ConfigError
+
+    names = [n.strip() for n in text.split(",")]
+    if not names or any(not n for n in names):
+        raise ConfigError(f"--backbones {text!r}: expected comma-separated backbone names, e.g. mobilenet_v2,resnet18")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--backbones {text!r}: a backbone is named twice")
+    return names
+
+
+def cli_rank(args) -> int:
+    """`carclf rank DATA --backbones A,B,C [--image-size N] [--config FILE] [--set KEY=VALUE]`: the scores, best first."""
+    from carclf.config import load_run_config
+    from carclf.console import fit_table
+
+    overrides = [f"data.path={args.data}", *args.overrides]
+    if args.image_size is not None:
+        overrides.append(f"data.image_size={args.image_size}")
+    cfg = load_run_config(args.config, overrides)
+    candidates = [Candidate(name) for name in parse_backbones(args.backbones)]
+    scores = rank_backbones(cfg, candidates, progress=True)
+    shown = scores_table(scores).rename(columns={"feature_seconds": "features s", "extraction_seconds": "extraction s",
+                                                 "score_seconds": "score s", "n_train": "n", "feature_dim": "dim"})
+    print(f"LogME on the train split of {cfg.data.path} ({cfg.data.image_size} px, weights "
+          f"{weights_label(cfg.svm.backbone_weights)}); higher transfers better")
+    print(fit_table(shown, optional=["extraction s", "cached", "dim", "n"]))
+    return 0
