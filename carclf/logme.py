@@ -106,14 +106,18 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
     """The LogME score of `features` [n, D] for integer class `labels` [n]: mean over classes of log evidence / n.
 
     Classes absent from `labels` are left out (their all-zero column says nothing about the features).
+    A row repeated exactly (a duplicate image, an unaugmented oversampled copy) counts once: with as
+    many features as samples, a repeat lets the evidence grow without bound as the noise goes to zero.
     """
     features = np.asarray(features)
     labels = np.asarray(labels, dtype=np.int64)
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features must be [n, D] with one label per row; got {features.shape} and {labels.shape}")
-    if len(np.unique(labels)) < 2:
-        raise ValueError("LogME needs at least two classes among the labels")
+    _, first = np.unique(features, axis=0, return_index=True)
+    features, labels = features[np.sort(first)], labels[np.sort(first)]
     present = np.unique(labels)
+    if len(present) < 2:
+        raise ValueError("LogME needs at least two classes among the labels")
     targets = one_hot(np.searchsorted(present, labels), len(present))
     sp = _spectrum(features, targets)
     scores = [_log_evidence(sp, *_fixed_point(sp, c), c) / sp.n for c in range(targets.shape[1])]

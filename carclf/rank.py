@@ -29,7 +29,7 @@ class Candidate:
     """A backbone to score: a name `svm.backbone` accepts, with its weights (None: the config's)."""
 
     backbone: Any  # a name, or whatever else svm.backbone accepts (stacked features: a list of names)
-    weights: str | None = None
+    weights: Any = None  # a name or file; a stack's: one for all members or one per member
 
     @property
     def label(self) -> str:
@@ -37,10 +37,12 @@ class Candidate:
         return name if self.weights is None else f"{name} ({weights_label(self.weights)})"
 
 
-def weights_label(weights: str) -> str:
-    """'imagenet', 'none' or a weights file's name (its folder differs per machine)."""
+def weights_label(weights) -> str:
+    """'imagenet', 'none' or a weights file's name (its folder differs per machine); a stack's, joined by '+'."""
     from pathlib import Path
 
+    if isinstance(weights, (list, tuple)):
+        return "+".join(weights_label(w) for w in weights)
     return weights if weights in ("imagenet", "none") else Path(weights).name
 
 
@@ -91,7 +93,7 @@ def rank_backbones(cfg: RunConfig, candidates: Sequence[Candidate], *, data=None
 
     configs = [(c, candidate_config(cfg, c)) for c in candidates]
     for c, ccfg in configs:
-        _check_usable(ccfg, c)
+        check_candidate(ccfg, c)
     if data is None:
         data = prepare_data(cfg, image_size=cfg.data.image_size, progress=progress)
     device = select_device(cfg.train.device)
@@ -102,20 +104,24 @@ def rank_backbones(cfg: RunConfig, candidates: Sequence[Candidate], *, data=None
     return sorted(scores, key=lambda s: s.logme, reverse=True)
 
 
-def _check_usable(cfg: RunConfig, candidate: Candidate) -> None:
+def check_candidate(cfg: RunConfig, candidate: Candidate) -> None:
     """Every candidate's weights are there and the images are large enough for it: said before any backbone runs."""
     from carclf.errors import ConfigError
     from carclf.features import weights_id
     from carclf.models import min_image_size
 
-    weights_id(cfg.svm.backbone, cfg.svm.backbone_weights, seed=cfg.seed)  # a missing file raises, naming it
-
-    names = candidate.backbone if isinstance(candidate.backbone, (list, tuple)) else [candidate.backbone]
-    for name in names:
+    for name, weights in _members(cfg):
+        weights_id(name, weights, seed=cfg.seed)  # a missing file raises, naming it and where it goes
         need = min_image_size(name)
         if cfg.data.image_size < need:
             raise ConfigError(f"backbone {name}: image size {cfg.data.image_size} is below its minimum of {need} px; "
                               f"pass --image-size {need} or more")
+
+
+def _members(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(backbone, weights) of each network the SVM reads: a stack of backbones lists each of its members."""
+    members = getattr(cfg.svm, "members", None)
+    return members() if callable(members) else [(cfg.svm.backbone, cfg.svm.backbone_weights)]
 
 
 def scores_table(scores: Sequence[BackboneScore]) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from sweeps.driver import (SweepPlan, _tracking_endpoint, claim_sweep, open_pare
 from sweeps.edges import edge_lines, read_edge_warnings
 from sweeps.preflight import preflight
 from sweeps.progress import SweepProgress, sweep_progress
+from sweeps.ranking import check_searched_backbones, rank_sweep_backbones
 from sweeps.results import PARAM_COLUMNS, _show, close_unfinished_runs, collect_results, orphan_runs, results_table
 from sweeps.session import ray_session, sigterm_as_ctrl_c
 from sweeps.spec import load_sweep_spec
@@ -63,6 +64,7 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
     plan = plan_sweep(spec_path, name=name, address=address, resume=resume, storage_path=storage_path,
                       tracking_uri=tracking_uri)
     preflight(plan.spec)
+    check_searched_backbones(plan.spec)
     start = _warm_start(plan, warm_start, top)
     timings: dict[str, float] = {"start": time.perf_counter()}
     # The name is this driver's until it ends; Ray is up (on loopback when local) and SIGTERM acts as Ctrl-C.
@@ -75,6 +77,9 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
 def _run(plan: SweepPlan, address: str | None, experiment_fn: Callable | None, timings: dict[str, float], start):
     with _tracking_endpoint(plan.spec, plan.uri, on_lost=_stop_like_ctrl_c) as endpoint:
         parent = open_parent_run(_mlflow_client(endpoint.uri), endpoint.uri, plan)
+        if not (address or "").startswith("ray://"):  # through a Ray client the driver may not see the data
+            plan.spec = rank_sweep_backbones(plan.spec, plan.overrides, client=_mlflow_client(endpoint.uri),
+                                             parent=parent)
         if start is not None:
             _log_warm_start(_mlflow_client(endpoint.uri), parent, start)
         orphans = orphan_runs(_mlflow_client(endpoint.uri), parent, plan.exp_path) if plan.state else ()

@@ -79,6 +79,19 @@ class Objective(_Strict):
     mode: Literal["max", "min"]
 
 
+class RankBackbones(_Strict):
+    """Before the trials, score each SVM family's searched backbones (LogME, sweeps.ranking)."""
+
+    score: bool = True  # their train features are extracted for the trials anyway; scoring them takes seconds
+    keep: int | None = Field(default=None, ge=1)  # search only the best k backbones of each family; None: all
+
+    @model_validator(mode="after")
+    def _keep_needs_scores(self) -> "RankBackbones":
+        if self.keep is not None and not self.score:
+            raise ValueError("keep picks the best-scored backbones: it needs score: true")
+        return self
+
+
 class SweepSpec(_Strict):
     name: str | None = None  # default: the file's stem
     description: str = ""
@@ -100,6 +113,7 @@ class SweepSpec(_Strict):
     max_failures: int = Field(default=1, ge=0)  # retries of a trial that raised
     tracking_server: Literal["auto", "always", "never"] = "auto"  # auto: a server when the store is local sqlite
     warm_cache: bool = True  # decode every image once on the driver before trials start
+    rank_backbones: RankBackbones = RankBackbones()  # searched backbones scored before the trials (sweeps.ranking)
 
     @model_validator(mode="before")
     @classmethod

@@ -40,7 +40,7 @@ def test_features_that_carry_the_label_score_above_noise():
     assert informative > weak > noise
 
 
-def test_invariant_to_scale_rotation_row_order_class_names_and_empty_columns():
+def test_invariant_to_scale_rotation_row_order_class_names_empty_columns_and_repeated_rows():
     features, labels = labelled_features()
     base = logme(features, labels)
     rng = np.random.default_rng(1)
@@ -48,13 +48,15 @@ def test_invariant_to_scale_rotation_row_order_class_names_and_empty_columns():
     order = rng.permutation(len(labels))
     renamed = np.array([7, 2, 5])[labels]  # other label values, absent ones in between
     padded = np.hstack([features, np.zeros((len(labels), 4))])
+    repeated = np.vstack([features, features[:5]]), np.concatenate([labels, labels[:5]])
     for variant in (logme(features * 1e-6, labels), logme(features * 1e4, labels), logme(features @ rotation, labels),
-                    logme(features[order], labels[order]), logme(features, renamed), logme(padded, labels)):
+                    logme(features[order], labels[order]), logme(features, renamed), logme(padded, labels), logme(*repeated)):
         assert variant == pytest.approx(base, abs=1e-6)
 
 
-def test_float32_features_and_tiny_random_init_scales_give_a_finite_score():
-    features, labels = labelled_features(n=30, dim=200)  # more dimensions than samples: an exact fit exists
+def test_more_dimensions_than_samples_with_repeats_and_tiny_float32_scales_give_a_finite_score():
+    features, labels = labelled_features(n=30, dim=200)  # an exact fit exists
+    features, labels = np.vstack([features, features[:3]]), np.concatenate([labels, labels[:3]])
     assert np.isfinite(logme((features * 1e-9).astype(np.float32), labels))
 
 

@@ -18,6 +18,7 @@ def run_config(path, tmp_path, size=32) -> RunConfig:
                                               "cache_dir": str(tmp_path / "cache")}, "train": {"batch_size": 16}})
 
 
+@pytest.mark.slow
 def test_scores_each_candidate_best_first_and_reads_the_features_back_the_second_time(demo_dir, tmp_path,
                                                                                         monkeypatch):
     cfg = run_config(demo_dir, tmp_path)
@@ -54,6 +55,7 @@ def test_backbone_lists_must_name_each_backbone_once(text):
         parse_backbones(text)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table(demo_dir, tmp_path, capsys):
     code = main(["rank", str(demo_dir), "--backbones", "simple_cnn,mobilenet_v2", "--image-size", "32",
                  "--set", "svm.backbone_weights=none", "--set", f"data.cache_dir={tmp_path}"])

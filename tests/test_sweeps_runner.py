@@ -223,13 +223,14 @@ def test_two_objective_sweep_with_a_searched_backbone_then_a_warm_start(tmp_path
 
     check_front(pareto, [("val_f1_macro", "max"), ("infer_ms_per_img", "min")])
 
-    # each backbone's features were extracted by one trial and read from the cache by the others (a trial
-    # recorded as equivalent to an earlier one trained nothing and read nothing)
+    # each backbone's features were extracted once and read from the cache by the others: its train split's
+    # when the driver ranked the backbones, its validation split's by at most one trial (a trial recorded as
+    # equivalent to an earlier one trained nothing and read nothing)
     svm = [r for r in finished
            if r.data.tags["carclf.sweep_model"] == "svm" and "carclf.equivalent_to" not in r.data.tags]
     for backbone in {r.data.params["svm.backbone"] for r in svm}:
         hits = [r.data.metrics["feature_cache_hits"] for r in svm if r.data.params["svm.backbone"] == backbone]
-        assert hits.count(0) == 1, (backbone, hits)
+        assert 0 not in hits and sum(h < 2 for h in hits) <= 1, (backbone, hits)
 
     # a wider C range, warm-started from the sweep above: after each family's default configuration, its
     # first trials are that sweep's best per family (a best that is the new default runs once, as the default)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from carclf.errors import SweepError
 from carclf.report.analysis import analysis_section, load_analysis
+from carclf.report.backbones import backbone_ranking, backbone_section
 from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
                                    per_class_f1_table, ranking_metric, split_counts_table, winner, winner_sentence)
 from carclf.report.edges import edge_lines, edge_section, load_edge_warnings
@@ -218,17 +219,18 @@ def _write_report(client, info, trials, families, pairs, report_run_id, out_dir,
     edges = load_edge_warnings(client, info)
     figures = {k: figure_png(fig) for k, fig in report_figures(families, table, split_counts).items()}
     search, search_figures = analysis_section(load_analysis(client, info), families, info)
+    ranking = backbone_ranking(client, info, trials)  # the sweep's LogME of its searched backbones, if it ranked any
     figures.update(search_figures)
     n_test = len(next(r.y_true for f in families for r in f.runs))
     notes = {"created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seeds": seeds,
              "n_test": n_test, "test_hash": test_hash, "n_boot": n_boot, "report_run_id": report_run_id}
     page = render_html(info=info, table=table, mcnemar=mcn, per_class=per_class, confused=confused,
                        not_finished=not_finished, problems=problems, figures_png=figures, notes=notes,
-                       winner=best, remarks=remarks, sections=[search],
+                       winner=best, remarks=remarks, sections=[backbone_section(ranking), search],
                        top_sections=[gain_section(gain, info.metric), edge_section(edges)])
     summary = {**_summary(info, families, report_run_id, test_hash, problems, seeds), "winner": best,
                "remarks": remarks, "tuning_gain": gain_records(gain), "defaults": defaults_summary(pairs),
-               "edge_warnings": edges}
+               "edge_warnings": edges, "backbone_ranking": ranking.summary() if ranking else None}
     files = write_outputs(out_dir, {"table_csv": table, "table_parquet": table, "mcnemar": mcn, "per_class": per_class,
                                     "confused": confused, "status": not_finished, "split_counts": split_counts,
                                     "gain": gain, **figures, "html": page, "summary": summary})

@@ -1,0 +1,80 @@
+"""Ranking a sweep's searched backbones before its trials: scores on the parent run, the best k kept in the search."""
+
+from __future__ import annotations
+
+import pytest
+
+from carclf.errors import ConfigError, SweepError
+from carclf.report.backbones import BACKBONE_SCORES
+from sweeps.ranking import check_searched_backbones, metric_name, rank_sweep_backbones, searched_backbones
+from sweeps.spec import validate_sweep_spec
+
+
+class RecordingClient:
+    def __init__(self):
+        self.dicts, self.metrics = {}, {}
+
+    def log_dict(self, run_id, data, name):
+        self.dicts[(run_id, name)] = data
+
+    def log_metric(self, run_id, key, value):
+        self.metrics[(run_id, key)] = value
+
+
+def sweep(demo_dir, tmp_path, backbone, rank=None, weights="imagenet"):
+    data = {"base": {"data": {"path": str(demo_dir), "image_size": 32, "min_images": 2,
+                              "cache_dir": str(tmp_path / "cache")},
+                     "balance": {"mode": "none"}, "augment": {"strength": 0.0}, "train": {"batch_size": 16},
+                     "svm": {"backbone": "simple_cnn", "backbone_weights": weights}},
+            "models": {"svm": {"space": {"kernel": "linear", "backbone": backbone}},
+                       "simple_cnn": {"space": {"epochs": 1}}}}
+    if rank is not None:
+        data["rank_backbones"] = rank
+    return validate_sweep_spec(data)
+
+
+def overrides(demo_dir, tmp_path):
+    return {"data": {"path": str(demo_dir), "cache_dir": str(tmp_path / "cache")}}
+
+
+@pytest.mark.slow
+def test_scores_every_choice_on_the_parent_run_and_keeps_the_best(demo_dir, tmp_path):
+    spec = sweep(demo_dir, tmp_path, {"choices": ["simple_cnn", "mobilenet_v2"]}, rank={"keep": 1})
+    client = RecordingClient()
+    ranked = rank_sweep_backbones(spec, overrides(demo_dir, tmp_path), client=client, parent="p1")
+
+    logged = client.dicts[("p1", BACKBONE_SCORES)]
+    [family] = logged["families"]
+    scores = family["scores"]
+    assert family["family"] == "svm" and sorted(s["backbone"] for s in scores) == ["mobilenet_v2", "simple_cnn"]
+    assert scores[0]["logme"] >= scores[1]["logme"] and family["kept"] == [scores[0]["backbone"]]
+    assert {k: v for (_, k), v in client.metrics.items()} == {f"logme/svm/{s['backbone']}": s["logme"] for s in scores}
+    assert ranked.model_space("svm").backbone == scores[0]["backbone"]  # one left: a constant
+    assert searched_backbones(ranked) == {} and ranked.models["simple_cnn"] == spec.models["simple_cnn"]
+    assert ranked.space_fn().params["svm"]["backbone"] == scores[0]["backbone"]
+
+
+def test_a_sweep_without_searched_backbones_or_with_scoring_off_is_left_alone(demo_dir, tmp_path):
+    client = RecordingClient()
+    for spec in (sweep(demo_dir, tmp_path, "mobilenet_v2"),
+                 sweep(demo_dir, tmp_path, {"choices": ["simple_cnn", "mobilenet_v2"]}, rank={"score": False})):
+        assert rank_sweep_backbones(spec, overrides(demo_dir, tmp_path), client=client, parent="p") is spec
+    assert client.dicts == {} and client.metrics == {}
+
+
+def test_keep_needs_scores_and_at_least_one(demo_dir, tmp_path):
+    with pytest.raises(ConfigError, match="keep"):
+        sweep(demo_dir, tmp_path, {"choices": ["simple_cnn", "mobilenet_v2"]}, rank={"score": False, "keep": 1})
+    with pytest.raises(ConfigError, match="keep"):
+        sweep(demo_dir, tmp_path, {"choices": ["simple_cnn", "mobilenet_v2"]}, rank={"keep": 0})
+
+
+def test_a_searched_backbone_without_its_weights_is_refused_before_ray(demo_dir, tmp_path):
+    spec = sweep(demo_dir, tmp_path, {"choices": ["mobilenet_v2", "resnet18"]}, weights=str(tmp_path / "gone.pth"))
+    with pytest.raises(SweepError, match=r"models\.svm\.space\.backbone: 'mobilenet_v2'.*gone\.pth"):
+        check_searched_backbones(spec)
+
+
+def test_metric_names_keep_what_mlflow_accepts():
+    assert metric_name("svm", "timm/convnext_tiny.fb_in22k") == "logme/svm/timm/convnext_tiny.fb_in22k"
+    assert metric_name("svm", "mobilenet_v2+resnet18") == "logme/svm/mobilenet_v2_resnet18"
