@@ -5,7 +5,8 @@
     cfg = spec.run_config(params)                   # a carclf RunConfig for that trial
 
 A parameter is a constant, a list of choices or a range (sweeps.params). An SVM entry may
-search its backbone (`backbone: {choices: [mobilenet_v2, resnet18]}`).
+search its backbone (`backbone: {choices: [mobilenet_v2, resnet18]}`); the choices are scored before the trials
+(LogME, `rank_backbones`, sweeps.ranking).
 
 One objective (`metric: val_f1_macro`, `mode: max`) or two (`metric: [val_f1_macro, infer_ms_per_img]`,
 `mode: [max, min]`; the second may also be `size_mb` or another validation metric): Optuna then

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from carclf.errors import ConfigError, SweepError
@@ -78,3 +81,48 @@ def test_a_searched_backbone_without_its_weights_is_refused_before_ray(demo_dir,
 def test_metric_names_keep_what_mlflow_accepts():
     assert metric_name("svm", "timm/convnext_tiny.fb_in22k") == "logme/svm/timm/convnext_tiny.fb_in22k"
     assert metric_name("svm", "mobilenet_v2+resnet18") == "logme/svm/mobilenet_v2_resnet18"
+
+
+@pytest.mark.slow
+def test_a_sweep_ranks_its_backbones_searches_the_kept_one_and_the_report_joins_them(tmp_path, tracked, demo_dir):
+    import ray
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from carclf.report.backbones import backbone_ranking
+    from carclf.report.selection import resolve_sweep, trial_runs
+    from sweeps.runner import run_sweep
+
+    spec = {"base": {"data": {"path": str(demo_dir), "image_size": 32, "min_images": 2},
+                     "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "balance": {"mode": "none"},
+                     "augment": {"strength": 0.0}, "train": {"device": "cpu", "num_workers": 0, "batch_size": 16},
+                     "svm": {"backbone": "simple_cnn", "backbone_weights": "imagenet"},
+                     "tracking": {"experiment": "ranked"}},
+            "models": {"svm": {"space": {"kernel": "linear", "C": {"low": 0.1, "high": 10.0, "log": True},
+                                         "backbone": {"choices": ["simple_cnn", "mobilenet_v2", "resnet18"]}},
+                               "config": {"svm": {"backbone_weights": "none"}}}},
+            "rank_backbones": {"keep": 1}, "num_samples": 3, "max_concurrent_trials": 1, "n_startup_trials": 3}
+    path = tmp_path / "ranked.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        table = run_sweep(path, name="ranked", tracking_uri=tracked)
+    finally:
+        ray.shutdown()
+    client = MlflowClient(tracked)
+    parent = table.attrs["parent_run_id"]
+    local = Path(client.download_artifacts(parent, BACKBONE_SCORES, str(tmp_path)))
+    [family] = json.loads(local.read_text())["families"]
+    best = family["kept"][0]
+    assert family["scores"][0]["backbone"] == best and len(family["scores"]) == 3
+    assert set(client.get_run(parent).data.metrics) >= {f"logme/svm/{b}" for b in ("simple_cnn", "mobilenet_v2",
+                                                                                     "resnet18")}
+    info = resolve_sweep(tmp_path / "results" / "ranked")
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent}' and tags.`carclf.role` = 'trial'")
+    searched = {r.data.params["svm.backbone"] for r in runs if "carclf.baseline" not in r.data.tags}
+    assert searched <= {best}  # the default trial keeps the base's backbone; every other trial the kept one
+
+    ranking = backbone_ranking(client, info, trial_runs(client, info))
+    assert list(ranking.table["backbone"]) == [s["backbone"] for s in family["scores"]]
+    assert ranking.table.set_index("backbone").loc[best, "trials"] >= 1
