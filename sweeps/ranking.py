@@ -62,7 +62,11 @@ def rank_sweep_backbones(spec: SweepSpec, overrides: dict, *, client, parent: st
     if not families or not spec.rank_backbones.score:
         return spec
     keep = spec.rank_backbones.keep
-    records = [_rank_family(spec, key, choices, overrides, keep) for key, choices in families.items()]
+    try:
+        records = [_rank_family(spec, key, choices, overrides, keep) for key, choices in families.items()]
+    except BaseException as e:  # no trial has started: the parent run ends here rather than stay RUNNING
+        client.set_terminated(parent, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     client.log_dict(parent, {"keep": keep, "families": records}, BACKBONE_SCORES)
     for record in records:
         for score in record["scores"]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from carclf.errors import ConfigError, SweepError
+from carclf.errors import ConfigError, DataError, SweepError
 from carclf.report.backbones import BACKBONE_SCORES
 from sweeps.ranking import check_searched_backbones, metric_name, rank_sweep_backbones, searched_backbones
 from sweeps.spec import validate_sweep_spec
@@ -22,6 +22,9 @@ class RecordingClient:
 
     def log_metric(self, run_id, key, value):
         self.metrics[(run_id, key)] = value
+
+    def set_terminated(self, run_id, status):
+        self.ended = (run_id, status)
 
 
 def sweep(demo_dir, tmp_path, backbone, rank=None, weights="imagenet"):
@@ -63,6 +66,15 @@ def test_a_sweep_without_searched_backbones_or_with_scoring_off_is_left_alone(de
                  sweep(demo_dir, tmp_path, {"choices": ["simple_cnn", "mobilenet_v2"]}, rank={"score": False})):
         assert rank_sweep_backbones(spec, overrides(demo_dir, tmp_path), client=client, parent="p") is spec
     assert client.dicts == {} and client.metrics == {}
+
+
+def test_a_ranking_that_fails_ends_the_parent_run_failed(tmp_path, demo_dir):
+    spec = sweep(demo_dir, tmp_path, {"choices": ["simple_cnn", "mobilenet_v2"]})
+    client = RecordingClient()
+    with pytest.raises(DataError, match="gone"):
+        rank_sweep_backbones(spec, {"data": {"path": str(tmp_path / "gone"), "cache_dir": str(tmp_path)}},
+                             client=client, parent="p")
+    assert client.ended == ("p", "FAILED") and client.dicts == {}
 
 
 def test_keep_needs_scores_and_at_least_one(demo_dir, tmp_path):
