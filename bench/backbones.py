@@ -75,7 +75,7 @@ def run() -> int:
     for label, candidate, pretrained in entries():
         try:
             cfg = candidate_config(base, candidate)
-            check_candidate(cfg, candidate)
+            check_candidate(cfg)
         except CarclfError as e:
             skipped[label] = str(e).splitlines()[-1].strip()
             print(f"skip {label}: {skipped[label]}", flush=True)

@@ -65,6 +65,7 @@ def candidate_config(cfg: RunConfig, candidate: Candidate) -> RunConfig:
     svm: dict[str, Any] = {"backbone": candidate.backbone}
     if candidate.weights is not None:
         svm["backbone_weights"] = candidate.weights
+    # finetune 'head': a network's 'probe' setting in `cfg` means nothing for an SVM (and would be checked as one)
     data = deep_merge(cfg.to_dict(), {"model": {"name": "svm", "finetune": "head"}, "svm": svm})
     return validate_run_config(data, f"backbone {candidate.label}")
 
@@ -80,8 +81,8 @@ def score_features(cfg: RunConfig, data, *, device, label: str | None = None, pr
     feature_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     score = logme(train.features, train.labels)
-    return BackboneScore(backbone=label or str(cfg.svm.backbone), logme=score, n_train=len(train.labels), feature_dim=train.features.shape[1],
-                         feature_seconds=feature_seconds, extraction_seconds=float(train.meta.get("seconds", 0.0)),
+    return BackboneScore(backbone=label or str(cfg.svm.backbone), logme=score, n_train=len(train.labels),
+                         feature_dim=train.features.shape[1], feature_seconds=feature_seconds, extraction_seconds=float(train.meta.get("seconds", 0.0)),
                          score_seconds=time.perf_counter() - t0, cached=bool(train.meta.get("cached")))
 
 
@@ -92,8 +93,8 @@ def rank_backbones(cfg: RunConfig, candidates: Sequence[Candidate], *, data=None
     from carclf.training import select_device
 
     configs = [(c, candidate_config(cfg, c)) for c in candidates]
-    for c, ccfg in configs:
-        check_candidate(ccfg, c)
+    for _, ccfg in configs:
+        check_candidate(ccfg)
     if data is None:
         data = prepare_data(cfg, image_size=cfg.data.image_size, progress=progress)
     device = select_device(cfg.train.device)
@@ -104,8 +105,8 @@ def rank_backbones(cfg: RunConfig, candidates: Sequence[Candidate], *, data=None
     return sorted(scores, key=lambda s: s.logme, reverse=True)
 
 
-def check_candidate(cfg: RunConfig, candidate: Candidate) -> None:
-    """Every candidate's weights are there and the images are large enough for it: said before any backbone runs."""
+def check_candidate(cfg: RunConfig) -> None:
+    """The backbone's weights are there and the images are large enough for it: said before any backbone runs."""
     from carclf.errors import ConfigError
     from carclf.features import weights_id
     from carclf.models import min_image_size

@@ -47,7 +47,7 @@ def check_searched_backbones(spec: SweepSpec) -> None:
         base = validate_run_config(spec.base_config(key), f"models.{key}")
         for choice in choices:
             try:
-                check_candidate(candidate_config(base, Candidate(choice)), Candidate(choice))
+                check_candidate(candidate_config(base, Candidate(choice)))
             except CarclfError as e:
                 raise SweepError(f"models.{key}.space.backbone: {choice!r} cannot be used, so every {key} trial "
                                  f"drawing it would fail: {e}") from None
