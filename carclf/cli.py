@@ -117,7 +117,7 @@ def _add_train(sub) -> None:
 def _add_rank(sub) -> None:
     p = _add_parser(sub, "rank", help="score feature backbones on a data set before training on them (LogME)",
                     description="LogME (You et al., ICML 2021) of each backbone's train-split features, best first. "
-                                "Try: carclf rank demo_data --backbones mobilenet_v2,resnet18 --image-size 96")
+                                "Try: carclf rank demo_data --backbones mobilenet_v2,simple_cnn --image-size 96")
     p.add_argument("data", help="ImageFolder tree: one folder per class")
     p.add_argument("--backbones", required=True, help="comma-separated names svm.backbone accepts, e.g. "
                    "mobilenet_v2,resnet18 (no default)")

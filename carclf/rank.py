@@ -1,6 +1,6 @@
 """Rank feature backbones before training on them: LogME on each one's train-split features.
 
-    carclf rank demo_data --backbones mobilenet_v2,resnet18 --image-size 96
+    carclf rank demo_data --backbones mobilenet_v2,simple_cnn --image-size 96
     scores = rank_backbones(cfg, [Candidate("mobilenet_v2"), Candidate("mobilenet_v2", weights="none")])
 
 A candidate is any name `svm.backbone` accepts (and its weights). Its features come from the same
