@@ -76,7 +76,7 @@ def test_bad_sweep_files_are_rejected_naming_the_field(tmp_path, change, field):
     ({"models": {"svm": {"space": {"gamma": {"low": 1, "high": 0.5, "scale": True}}}}},
      "models.svm.space.gamma: low (1.0) must be below high (0.5) (read as a range)"),
     ({"models": {"svm": {"space": {"kernel": "poly"}}}},
-     "models.svm.space.kernel: Input should be 'linear' or 'rbf' (got 'poly') (read as a constant)"),
+     "models.svm.space.kernel: Input should be 'linear', 'rbf' or 'logistic' (got 'poly') (read as a constant)"),
     ({"models": {"svm": {"space": {"kernel": {"choices": []}}}}},
      "models.svm.space.kernel.choices: List should have at least 1 item"),
     ({"models": {"simple_cnn": {"space": {"epochs": {"low": 5, "high": 2}}}}},
