@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 3.0  # a budget is refused only when even the cheapest trial's estimate / TOLERANCE exceeds it
 LOGISTIC_PASSES = 60  # lbfgs: ~20 iterations, each a loss and a gradient (two products) and line-search steps
-# lbfgs's bookkeeping, beyond its arithmetic: separable data (fewer rows than features) runs to its 500 iterations,
-# 11 s for model10's 774 x 1,280 features on a loaded core where the arithmetic alone is 0.2 s
-LOGISTIC_OVERHEAD_S = 10.0
+# lbfgs's bookkeeping, beyond its arithmetic: separable data (fewer rows than features) runs to its 500 iterations;
+# model10's trials (774 x 1,280 features, one thread, a loaded machine) fitted in 0.4 to 1.9 s, arithmetic 0.2 s
+LOGISTIC_OVERHEAD_S = 2.0
 SVC_WORK = 1.0  # libsvm: about 2 n^2 d multiply-adds over all class pairs (kernel rows, shrinking, cache misses)
 LIBLINEAR_PASSES = 2000  # LinearSVC: dual coordinate descent over n x d per class, often to its 1,000-iteration cap
 PROBE_STEP_S = 4e-4  # a probe's Python and optimiser overhead per batch, beyond its arithmetic
