@@ -166,7 +166,7 @@ def test_holdout_calibration_fits_the_svm_once_where_cross_validation_fits_it_pe
     assert not set(skops.io.get_untrusted_types(data=skops.io.dumps(pipeline))) - set(SVM_TRUSTED_TYPES)
 
 
-def test_the_logistic_kernel_is_a_multinomial_logistic_regression_that_draws_no_gamma():
+def test_the_logistic_kernel_is_a_multinomial_logistic_regression_saved_with_trusted_types_only():
     from sklearn.linear_model import LogisticRegression
 
     cfg = validate_run_config({"model": {"name": "svm"}, "svm": {"backbone": "mobilenet_v2", "kernel": "logistic"}})

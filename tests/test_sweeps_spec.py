@@ -258,3 +258,14 @@ def test_each_shipped_sweep_file_has_its_default_trials_inside_the_searched_spac
     spec = load_sweep_spec(path)
     for key in spec.models:
         assert default_trial(spec, key).outside == [], (path.name, key)
+
+
+def test_a_logistic_kernel_draws_no_gamma_as_a_linear_one_does():
+    import optuna
+
+    spec = validate_sweep_spec({"base": {"svm": {"backbone": "mobilenet_v2"}}, "models": {"svm": {"space": {
+        "kernel": {"choices": ["logistic", "rbf"]}, "gamma_factor": {"low": 0.1, "high": 10.0, "log": True}}}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [spec.space_fn()(study.ask()) for _ in range(12)]
+    assert {d["svm.kernel"] for d in drawn} == {"logistic", "rbf"}
+    assert all(("svm.gamma_factor" in d) == (d["svm.kernel"] == "rbf") for d in drawn)
