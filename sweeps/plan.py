@@ -44,6 +44,10 @@ LOGISTIC_PASSES = 60  # lbfgs: ~20 iterations, each a loss and a gradient (two p
 LOGISTIC_OVERHEAD_S = 2.0
 SVC_WORK = 1.0  # libsvm: about 2 n^2 d multiply-adds over all class pairs (kernel rows, shrinking, cache misses)
 LIBLINEAR_PASSES = 2000  # LinearSVC: dual coordinate descent over n x d per class, often to its 1,000-iteration cap
+# A trial's own start and finish, whatever it trains: its worker, its MLflow run and logging, reading its split and
+# cached features. Rough: with the 2-core machine shared (load average 30) model10's 12 logistic trials took
+# 6.6 minutes 2 at a time, fits under 2 s each
+TRIAL_START_S = 10.0
 PROBE_STEP_S = 4e-4  # a probe's Python and optimiser overhead per batch, beyond its arithmetic
 _ESTIMATES: dict[str, dict[str, float]] = {}  # sweep name -> family -> estimated seconds (for sweeps.defaults)
 
@@ -69,7 +73,7 @@ class Machine:
 @dataclass(frozen=True)
 class FamilyCost:
     family: str
-    seconds: float | None  # the first trial's estimate, extraction excluded (None: not estimated)
+    seconds: float | None  # the first trial's estimate, its start included, extraction excluded (None: not estimated)
     what: str  # the head and the work, in words
     hint: str  # what to change to make it cheaper
     extraction: tuple | None = None  # the feature key it needs (extracted once, by the first trial needing it)
@@ -140,7 +144,7 @@ class Plan:
             when = "cached" if ex.cached else f"about {_duration(ex.seconds)}"
             out.append(f"  extract: {ex.backbone} ({ex.weights}, {ex.features}) at {ex.size} px, {ex.images:,} images: "
                        f"{when}; for {', '.join(ex.families)}")
-        out.append("  default trials, cheapest first (each one's fit; the first to need features extracts them):")
+        out.append("  default trials, cheapest first (start and fit; the first to need features extracts them):")
         width = max(len(k) for k in self.costs)
         for key in self.order:
             c = self.costs[key]
@@ -259,14 +263,15 @@ def family_cost(key: str, cfg: RunConfig, shape: Shape, machine: Machine, thread
         image_s = machine.image_s.get((cfg.model.name, "gap", cfg.data.image_size, threads))
         if image_s is None:
             return FamilyCost(key, None, f"{cfg.model.name}: its backbone could not be timed", "")
-        return FamilyCost(key, *network_fit_s(cfg, shape, image_s))
+        seconds, what, hint = network_fit_s(cfg, shape, image_s)
+        return FamilyCost(key, TRIAL_START_S + seconds, what, hint)
     backbone, _, mode, size, passes = feats
     dim = machine.dims.get((backbone, mode, size))
     if dim is None:
         return FamilyCost(key, None, f"{feats[0]}: its backbone could not be timed", "")
     rows = Shape(shape.n_train * passes, shape.n_val, shape.classes)
     seconds, what, hint = svm_fit_s(cfg.svm, rows, dim, rate) if cfg.is_svm else probe_fit_s(cfg, rows, dim, rate)
-    return FamilyCost(key, seconds, what, hint, extraction=feats + (cfg.data.path,))
+    return FamilyCost(key, TRIAL_START_S + seconds, what, hint, extraction=feats + (cfg.data.path,))
 
 
 # ---------------------------------------------------------------------- measuring (effects)
