@@ -51,7 +51,8 @@ OUTPUT_COLUMNS = ("class", "probability", "top_classes", "top_probabilities", "e
 # The only types outside skops' defaults that carclf's SVM pipeline (StandardScaler, then a sigmoid-
 # calibrated SVC or LinearSVC) holds. Defined here, not read from the model's files, so a tampered
 # model cannot widen what gets loaded.
-SVM_TRUSTED_TYPES = ("sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration")
+SVM_TRUSTED_TYPES = ("sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
+                     "sklearn.calibration._TemperatureScaling")
 _BATCH = 64  # images decoded and run at a time: bounds memory for large requests
 _WHITE = (255, 255, 255)
 _BYTESIO_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")

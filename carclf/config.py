@@ -105,13 +105,17 @@ class SVMConfig(_Frozen):
     backbone: str = "vgg16"  # the CNN whose features the SVM reads
     backbone_weights: str = "imagenet"
     features: Literal["gap", "penultimate"] = "gap"  # global-average-pooled or penultimate-layer features
-    kernel: Literal["linear", "rbf"] = "rbf"
+    # logistic: a multinomial logistic regression (softmax probabilities), for many classes (carclf.svm)
+    kernel: Literal["linear", "rbf", "logistic"] = "rbf"
     C: float = Field(default=1.0, gt=0)
     gamma: Union[Literal["scale"], float] = "scale"
     # RBF gamma = gamma_factor / (n_features * X.var()) with gamma 'scale': relative to the features' own
     # scale, so one range suits any backbone; 1.0 is scikit-learn's 'scale'. Only with gamma 'scale'.
     gamma_factor: float = Field(default=1.0, gt=0)
     linear_impl: Literal["svc", "liblinear"] = "svc"  # liblinear = LinearSVC, faster on many samples
+    # SVM probabilities: sigmoids on cross-validated decision values (one SVM fit per fold and one on all), or
+    # on a held-out share of the training split (one fit); the logistic kernel has its own softmax
+    calibration: Literal["cv", "holdout"] = "cv"
     augment_copies: int = Field(default=1, ge=1)  # feature passes over the (balanced) train split
 
     @field_validator("gamma", mode="before")

@@ -1,8 +1,26 @@
-"""The SVM head: StandardScaler and a calibrated SVC (or LinearSVC), gamma relative to the data, saturation.
+"""The SVM head: StandardScaler and a calibrated SVC (or LinearSVC), gamma relative to the data, saturation;
+or, with `svm.kernel: logistic`, a multinomial logistic regression whose cost grows gently with classes.
 
     pipeline, fit = fit_svm(cfg.svm, X_train, y_train, seed=0)
     fit.gamma            # the RBF gamma the SVC used: svm.gamma_factor / (n_features * X.var())
     fit.saturated_at     # every C >= this gives the same model (None: C still matters)
+    fit.calibration      # how its probabilities were made, e.g. 'sigmoid, 3-fold cross-validation'
+    fit.seconds          # the fit's wall time
+
+Probabilities, per head (`svm.calibration` for the SVMs):
+- `cv` (the default): CalibratedClassifierCV, sigmoid, on cross-validated decision values: the SVM is
+  fitted once per fold and once on all the data (four fits with three folds).
+- `holdout`: the SVM is fitted once, on the training split less a stratified CALIBRATION_HOLDOUT share,
+  and one temperature is fitted on the held-out share's decision values (CalibratedClassifierCV on a
+  FrozenEstimator, method 'temperature': softmax(decision / T), Guo et al., "On Calibration of Modern
+  Neural Networks", ICML 2017): one fit on fewer samples instead of four. A temperature keeps the SVM's
+  own ranking of the classes; per-class sigmoids fitted on a few held-out samples a class do not (on 40
+  classes with 6 held-out samples each they cost 0.1 of accuracy). An RBF SVC's multi-class scores are
+  mostly one-vs-one votes, so its tempered probabilities are coarse and underconfident; LinearSVC's
+  margins temper well.
+- `kernel: logistic`: the model's own softmax; a multinomial logistic regression minimises the log-loss,
+  so no extra fit calibrates it. One fit of `n_iter * n * d * classes` work: where one-vs-rest or
+  one-vs-one SVMs multiply their fits by the classes, it does not.
 
 `build_model("svm", ...)` (carclf.models) builds the same pipeline through `svm_pipeline`.
 
@@ -34,11 +52,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
+from sklearn.base import clone
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
@@ -51,6 +74,10 @@ log = logging.getLogger(__name__)
 SVM_CALIBRATION_FOLDS = 3  # cross-validation folds of the probability calibration
 # SVMConfig fields that describe the feature extraction, not the classifier: accepted and ignored here
 SVM_FEATURE_FIELDS = ("backbone", "backbone_weights", "features", "augment_copies")
+CALIBRATION_HOLDOUT = 0.2  # share of the training split held out to calibrate with svm.calibration 'holdout'
+# lbfgs iterations of the logistic head: standardised CNN features converge in a few hundred (tol 1e-4)
+LOGISTIC_MAX_ITER = 500
+CALIBRATION_TAG = "carclf.svm_calibration"  # how the head's probabilities were made (see the module docstring)
 SATURATED_TAG = "carclf.svm_saturated_at"  # on a run whose SVM is the same for every C at or above this value
 # A dual coefficient this close to its bound counts as bounded: libsvm clips a bounded one to exactly C.
 _BOUND_TOLERANCE = 1e-6
@@ -144,32 +171,78 @@ def bound_ratio(svc: SVC) -> float:
 
 
 def svm_pipeline(*, kernel: str = "rbf", C: float = 1.0, gamma: str | float = "scale", gamma_factor: float = 1.0,
-                 linear_impl: str = "svc", class_weight: str | None = None, cv: int = SVM_CALIBRATION_FOLDS,
-                 random_state: int = 0, **feature_fields) -> Pipeline:
-    """StandardScaler, then a calibrated SVC (kernel linear|rbf) or, with linear_impl='liblinear', LinearSVC.
+                 linear_impl: str = "svc", calibration: str = "cv", class_weight: str | None = None,
+                 cv: int = SVM_CALIBRATION_FOLDS, random_state: int = 0, **feature_fields) -> Pipeline:
+    """StandardScaler, then a calibrated SVC (kernel linear|rbf) or, with linear_impl='liblinear', LinearSVC;
+    with kernel='logistic', a multinomial LogisticRegression.
 
-    Probabilities come from CalibratedClassifierCV (sigmoid, `cv` folds, fewer when the smallest class is
-    smaller: see calibration_folds): scikit-learn 1.9 deprecates SVC(probability=True) in its favour.
-    `set_params(svc__estimator__C=...)` changes C in place. `gamma_factor` scales the 'scale' gamma.
+    SVM probabilities come from CalibratedClassifierCV: with calibration='cv' sigmoids on `cv` folds (fewer
+    when the smallest class is smaller: see calibration_folds), with 'holdout' a temperature on a held-out
+    share of the training data (see the module docstring). scikit-learn 1.9 deprecates SVC(probability=True) in its
+    favour. `gamma_factor` scales the 'scale' gamma.
     """
     unknown = set(feature_fields) - set(SVM_FEATURE_FIELDS)
     if unknown:
         raise ConfigError(f"svm: unknown settings {sorted(unknown)}; allowed: kernel, C, gamma, gamma_factor, "
-                          "linear_impl")
-    if kernel not in ("linear", "rbf"):
-        raise ConfigError(f"svm.kernel must be 'linear' or 'rbf', got {kernel!r}")
+                          "linear_impl, calibration")
+    if kernel not in ("linear", "rbf", "logistic"):
+        raise ConfigError(f"svm.kernel must be 'linear', 'rbf' or 'logistic', got {kernel!r}")
     check_gamma_factor(gamma, gamma_factor)
+    if kernel == "logistic":
+        head = LogisticRegression(C=C, class_weight=class_weight, max_iter=LOGISTIC_MAX_ITER,
+                                  random_state=random_state)
+        return Pipeline([("scale", StandardScaler()), ("logistic", head)])
+    estimator = _svm_estimator(kernel=kernel, C=C, gamma=gamma, gamma_factor=gamma_factor, linear_impl=linear_impl,
+                               class_weight=class_weight, random_state=random_state)
+    if calibration == "cv":
+        calibrated = _CalibrationFoldsFitToData(estimator, method="sigmoid", cv=cv, ensemble=False)
+    elif calibration == "holdout":
+        calibrated = _HoldoutCalibration(estimator, method="temperature", cv=None)
+    else:
+        raise ConfigError(f"svm.calibration must be 'cv' or 'holdout', got {calibration!r}")
+    return Pipeline([("scale", StandardScaler()), ("svc", calibrated)])
+
+
+def _svm_estimator(*, kernel, C, gamma, gamma_factor, linear_impl, class_weight, random_state):
     if linear_impl == "liblinear":
         if kernel != "linear":
             raise ConfigError("svm.linear_impl='liblinear' needs svm.kernel='linear' (LinearSVC has no rbf kernel)")
-        estimator = LinearSVC(C=C, class_weight=class_weight, random_state=random_state)
-    elif linear_impl == "svc":
-        estimator = _ScaledGammaSVC(kernel=kernel, C=C, gamma=gamma, gamma_factor=gamma_factor,
-                                    class_weight=class_weight, random_state=random_state)
-    else:
-        raise ConfigError(f"svm.linear_impl must be 'svc' or 'liblinear', got {linear_impl!r}")
-    calibrated = _CalibrationFoldsFitToData(estimator, method="sigmoid", cv=cv, ensemble=False)
-    return Pipeline([("scale", StandardScaler()), ("svc", calibrated)])
+        return LinearSVC(C=C, class_weight=class_weight, random_state=random_state)
+    if linear_impl == "svc":
+        return _ScaledGammaSVC(kernel=kernel, C=C, gamma=gamma, gamma_factor=gamma_factor,
+                               class_weight=class_weight, random_state=random_state)
+    raise ConfigError(f"svm.linear_impl must be 'svc' or 'liblinear', got {linear_impl!r}")
+
+
+class _HoldoutCalibration(CalibratedClassifierCV):
+    """CalibratedClassifierCV that fits its SVM once, on the training data less a stratified held-out share,
+    and fits its calibration (`method`) on that share's decision values.
+
+    As `_CalibrationFoldsFitToData`, fitting leaves a plain CalibratedClassifierCV holding the fitted
+    SVM itself (not scikit-learn's FrozenEstimator wrapper), so the saved model holds the same types as
+    the cross-validated one.
+    """
+
+    def fit(self, X, y, sample_weight=None, **fit_params):
+        X_fit, X_cal, y_fit, y_cal = train_test_split(X, y, test_size=_holdout_size(y), stratify=y,
+                                                      random_state=self.estimator.random_state)
+        fitted = clone(self.estimator).fit(X_fit, y_fit)
+        self.__class__ = CalibratedClassifierCV
+        self.estimator = FrozenEstimator(fitted)
+        self.fit(X_cal, y_cal)
+        self.estimator = clone(fitted)  # unfitted, with the settings it was fitted with (an SVC keeps its gamma)
+        self.calibrated_classifiers_[0].estimator = fitted
+        return self
+
+
+def _holdout_size(labels) -> int:
+    """Held-out samples for calibration: CALIBRATION_HOLDOUT of them, at least one per class, one left per class."""
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    if counts.min() < 2:
+        raise DataError(f"class {values[counts.argmin()]} has a single training sample; the SVM's probability "
+                        "calibration needs at least 2 per class (raise data.min_images or oversample with "
+                        "balance.mode)")
+    return int(max(len(values), round(CALIBRATION_HOLDOUT * counts.sum())))
 
 
 def check_gamma_factor(gamma, gamma_factor: float) -> None:
@@ -189,12 +262,15 @@ class SVMFit:
     gamma: float | None  # the RBF gamma of the SVC fitted on all the data (None: not an RBF SVC)
     bound_ratio: float | None  # the largest dual coefficient / its bound over every SVC fitted (None: LinearSVC)
     saturated_at: float | None  # the smallest C giving the same model, when C no longer matters; else None
+    calibration: str = ""  # how the probabilities were made, e.g. "sigmoid, 3-fold cross-validation"
+    seconds: float = 0.0  # the whole fit, calibration included
 
     def tags(self) -> dict[str, str]:
-        return {} if self.saturated_at is None else {SATURATED_TAG: repr(self.saturated_at)}
+        tags = {CALIBRATION_TAG: self.calibration} if self.calibration else {}
+        return tags if self.saturated_at is None else {**tags, SATURATED_TAG: repr(self.saturated_at)}
 
     def metrics(self) -> dict[str, float]:
-        out = {"svm_gamma": self.gamma, "svm_bound_ratio": self.bound_ratio}
+        out = {"svm_gamma": self.gamma, "svm_bound_ratio": self.bound_ratio, "fit_s": self.seconds}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -208,19 +284,33 @@ def _recording() -> Iterator[list[float]]:
         _recorder.fits = None
 
 
+def describe_calibration(step) -> str:
+    """How the fitted head `step` (the pipeline's last step) makes its probabilities, in words for a tag."""
+    if isinstance(step, LogisticRegression):
+        return "softmax of the multinomial logistic regression (no calibration fit)"
+    if isinstance(step.calibrated_classifiers_[0].estimator, FrozenEstimator) or not isinstance(step.cv, int):
+        return f"{step.method}, fitted on a held-out {CALIBRATION_HOLDOUT:g} of the training split"
+    return f"{step.method}, {step.cv}-fold cross-validation"
+
+
 def fit_svm(svm_cfg, X, y, *, seed: int = 0) -> tuple[Pipeline, SVMFit]:
     """Build the SVM head from `svm_cfg` (carclf.config.SVMConfig), fit it on (X, y), say how it fitted."""
-    kw: dict[str, Any] = svm_cfg.model_dump(include={"kernel", "C", "gamma", "gamma_factor", "linear_impl"})
+    kw: dict[str, Any] = svm_cfg.model_dump(include={"kernel", "C", "gamma", "gamma_factor", "linear_impl",
+                                                     "calibration"})
     pipeline = svm_pipeline(random_state=seed, **kw)
+    t0 = time.perf_counter()
     with _recording() as ratios:
         pipeline.fit(X, y)
-    step = pipeline.named_steps["svc"]
-    final = step.calibrated_classifiers_[0].estimator
+    seconds = time.perf_counter() - t0
+    step = pipeline.steps[-1][1]
+    how = {"C": svm_cfg.C, "calibration": describe_calibration(step), "seconds": seconds}
+    final = None if isinstance(step, LogisticRegression) else step.calibrated_classifiers_[0].estimator
     if not isinstance(final, SVC):
-        return pipeline, SVMFit(C=svm_cfg.C, gamma=None, bound_ratio=None, saturated_at=None)
+        return pipeline, SVMFit(gamma=None, bound_ratio=None, saturated_at=None, **how)
     worst = max(ratios) if ratios else float("inf")
-    # every calibration fold's SVC and the final one must be saturated; a fit not seen (run elsewhere) is unknown
-    saturated = len(ratios) == step.cv + 1 and worst < 1.0 - _BOUND_TOLERANCE
-    return pipeline, SVMFit(C=svm_cfg.C, gamma=float(final._gamma) if final.kernel == "rbf" else None,
+    # every SVC fitted (each calibration fold's and the final one) must be saturated; a fit not seen is unknown
+    fits = step.cv + 1 if isinstance(step.cv, int) else 1
+    saturated = len(ratios) == fits and worst < 1.0 - _BOUND_TOLERANCE
+    return pipeline, SVMFit(gamma=float(final._gamma) if final.kernel == "rbf" else None,
                             bound_ratio=worst if ratios else None,
-                            saturated_at=worst * svm_cfg.C if saturated else None)
+                            saturated_at=worst * svm_cfg.C if saturated else None, **how)

@@ -4,7 +4,8 @@
     tune.TuneConfig(search_alg=searcher, num_samples=spec.num_samples, ...)
 
 The order, in one sentence per step:
-1. Defaults: each family's default configuration first (sweeps.defaults), marked `"baseline": True`.
+1. Defaults: each family's default configuration first (sweeps.defaults), marked `"baseline": True`,
+   cheapest first by the plan's estimates (sweeps.plan; the sweep file's order without them).
 2. Warm start: then the warm-start points (`--warm-start`), in their order, each from its family's search.
 3. Even start: then every family is brought to EVEN_START trials (its default and warm starts count).
 4. Budget: then each trial goes to the family with the fewest trials among those still improving, a
@@ -33,6 +34,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from sweeps.defaults import BASELINE, DefaultTrial, default_trial
+from sweeps.plan import estimated_order
 from sweeps.search import family_searcher
 from sweeps.spec import SweepSpec
 
@@ -163,7 +165,8 @@ class FamilyBudgetSearch(Searcher):
         warm = _route(spec, points, self.defaults)
         self.searchers = {key: family_searcher(spec, key, i, [p for k, p in warm if k == key])
                           for i, key in enumerate(spec.models)}
-        planned = [("default", k) for k in spec.models] + [("warm_start", k) for k, _ in warm]
+        planned = [("default", k) for k in estimated_order(sweep, list(spec.models))] + \
+            [("warm_start", k) for k, _ in warm]
         self.policy = BudgetPolicy(list(spec.models), spec.mode, planned, **policy)
         self.trials: dict[str, dict[str, Any]] = {}  # trial_id -> number, family, phase
         self.done: set[str] = set()

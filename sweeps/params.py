@@ -164,7 +164,7 @@ class NetworkSpace(_Space):
 class SVMSpace(_Space):
     FIELDS: ClassVar[dict[str, str]] = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma",
                                         "gamma_factor": "svm.gamma_factor", "backbone": "svm.backbone", **_SHARED}
-    kernel: _param(Literal["linear", "rbf"]) | None = None
+    kernel: _param(Literal["linear", "rbf", "logistic"]) | None = None
     # A searched backbone: each one's features are extracted once and shared by every trial that picks it.
     backbone: _param(str) | None = None
     C: FloatParam | None = FloatRange(low=0.01, high=100.0, log=True)
@@ -179,4 +179,4 @@ class SVMSpace(_Space):
         return self
 
 
-RBF_ONLY = ("gamma", "gamma_factor")  # SVM settings a linear kernel ignores: never drawn for it
+RBF_ONLY = ("gamma", "gamma_factor")  # SVM settings the linear and logistic kernels ignore: never drawn for them

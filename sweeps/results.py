@@ -62,7 +62,7 @@ def _param_values(spec: SweepSpec, config: dict) -> dict:
     for col, dotted in PARAM_COLUMNS.items():
         if (network and col in _SVM_ONLY) or (not network and col in _NETWORK_ONLY):
             continue
-        if col in ("gamma", "gamma_factor") and cfg["svm"]["kernel"] == "linear":
+        if col in ("gamma", "gamma_factor") and cfg["svm"]["kernel"] != "rbf":
             continue
         if col == "finetune" and not finetune_applies(cfg["model"]["name"], cfg["model"]["weights"]):
             continue  # a network trained from scratch trains whole either way

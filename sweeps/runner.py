@@ -35,6 +35,7 @@ from sweeps.capacity import check_cluster_capacity
 from sweeps.driver import (SweepPlan, _tracking_endpoint, claim_sweep, open_parent_run, plan_sweep, prepare_stores,
                            trial_context, warm_decode_cache)
 from sweeps.edges import edge_lines, read_edge_warnings
+from sweeps.plan import show_plan
 from sweeps.preflight import preflight
 from sweeps.progress import SweepProgress, sweep_progress
 from sweeps.ranking import check_searched_backbones, rank_sweep_backbones
@@ -65,6 +66,7 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
                       tracking_uri=tracking_uri)
     preflight(plan.spec)
     check_searched_backbones(plan.spec)
+    show_plan(plan.spec, plan.name)  # what it extracts, each family's estimated trial, a budget that holds none refused
     start = _warm_start(plan, warm_start, top)
     timings: dict[str, float] = {"start": time.perf_counter()}
     # The name is this driver's until it ends; Ray is up (on loopback when local) and SIGTERM acts as Ctrl-C.

@@ -272,7 +272,7 @@ class SearchSpace:
         if kernel is not None:
             out[f"{key}.kernel"] = kernel
         for field, p in params.items():
-            if field == "kernel" or (field in RBF_ONLY and kernel == "linear"):
+            if field == "kernel" or (field in RBF_ONLY and kernel not in (None, "rbf")):
                 continue
             out[f"{key}.{field}"] = _sample(p, trial, f"{key}.{field}")
         return out

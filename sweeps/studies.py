@@ -92,7 +92,7 @@ def space_point(spec: SweepSpec, key: str, value_of: Callable[[str], Any]) -> di
     out: dict[str, Any] = {"model": key} if len(spec.models) > 1 else {}
     kernel = value_of(_FIELDS["kernel"]) if "kernel" in params else None
     for name, p in params.items():
-        if not _searched(p) or (name in RBF_ONLY and kernel == "linear"):
+        if not _searched(p) or (name in RBF_ONLY and kernel not in (None, "rbf")):
             continue
         value = value_of(_FIELDS[name])
         if isinstance(p, GammaRange) and p.scale:

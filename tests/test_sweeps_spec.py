@@ -76,7 +76,7 @@ def test_bad_sweep_files_are_rejected_naming_the_field(tmp_path, change, field):
     ({"models": {"svm": {"space": {"gamma": {"low": 1, "high": 0.5, "scale": True}}}}},
      "models.svm.space.gamma: low (1.0) must be below high (0.5) (read as a range)"),
     ({"models": {"svm": {"space": {"kernel": "poly"}}}},
-     "models.svm.space.kernel: Input should be 'linear' or 'rbf' (got 'poly') (read as a constant)"),
+     "models.svm.space.kernel: Input should be 'linear', 'rbf' or 'logistic' (got 'poly') (read as a constant)"),
     ({"models": {"svm": {"space": {"kernel": {"choices": []}}}}},
      "models.svm.space.kernel.choices: List should have at least 1 item"),
     ({"models": {"simple_cnn": {"space": {"epochs": {"low": 5, "high": 2}}}}},
@@ -258,3 +258,14 @@ def test_each_shipped_sweep_file_has_its_default_trials_inside_the_searched_spac
     spec = load_sweep_spec(path)
     for key in spec.models:
         assert default_trial(spec, key).outside == [], (path.name, key)
+
+
+def test_a_logistic_kernel_draws_no_gamma_as_a_linear_one_does():
+    import optuna
+
+    spec = validate_sweep_spec({"base": {"svm": {"backbone": "mobilenet_v2"}}, "models": {"svm": {"space": {
+        "kernel": {"choices": ["logistic", "rbf"]}, "gamma_factor": {"low": 0.1, "high": 10.0, "log": True}}}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [spec.space_fn()(study.ask()) for _ in range(12)]
+    assert {d["svm.kernel"] for d in drawn} == {"logistic", "rbf"}
+    assert all(("svm.gamma_factor" in d) == (d["svm.kernel"] == "rbf") for d in drawn)

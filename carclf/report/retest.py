@@ -130,11 +130,12 @@ def deterministic_training(cfg: RunConfig, manifest: pd.DataFrame, seeds: Sequen
     (svm.linear_impl 'svc') ignores its random_state without probability=True, and the probability
     calibration cuts unshuffled folds, so the SVM is a function of its training features; those are the
     same for every seed when their cache keys agree (no augmentation touches a row, balancing draws the same
-    rows, the backbone's weights come from a file). LinearSVC ('liblinear') shuffles by its random_state.
+    rows, the backbone's weights come from a file). So is the logistic kernel (lbfgs draws nothing).
+    LinearSVC ('liblinear') shuffles by its random_state, and svm.calibration 'holdout' holds out by it.
     """
     from carclf.features import manifest_train_key
 
-    if not cfg.is_svm or cfg.svm.linear_impl != "svc" or len(seeds) < 2:
+    if not cfg.is_svm or cfg.svm.linear_impl != "svc" or cfg.svm.calibration != "cv" or len(seeds) < 2:
         return ""
     try:
         keys = [manifest_train_key(cfg.model_copy(update={"seed": s}), manifest) for s in seeds]

@@ -221,7 +221,7 @@ def configuration_keys(cfg: RunConfig) -> tuple[str, ...]:
     from carclf.models import finetune_applies
 
     if cfg.is_svm:
-        keys, unused = SVM_KEYS, {"svm.gamma", "svm.gamma_factor"} if cfg.svm.kernel == "linear" else set()
+        keys, unused = SVM_KEYS, {"svm.gamma", "svm.gamma_factor"} if cfg.svm.kernel != "rbf" else set()
     else:
         keys = NETWORK_KEYS
         unused = set() if finetune_applies(cfg.model.name, cfg.model.weights) else {"model.finetune"}
