@@ -132,7 +132,22 @@ def _storage(storage_path: str | None, out_dir: Path) -> str:
         return str(out_dir / "ray")
     if "://" in storage_path:
         return storage_path
-    return str(_absolute(storage_path, "--storage-path", False))
+    storage = _absolute(storage_path, "--storage-path", False)
+    _check_storage(storage)
+    return str(storage)
+
+
+def _check_storage(storage: Path) -> None:
+    """A local --storage-path is a folder a file can be made in, checked before Ray starts (Tune fails late)."""
+    from carclf.cache import check_can_create
+    from carclf.errors import CarclfError
+
+    if storage.exists() and not storage.is_dir():
+        raise SweepError(f"--storage-path {storage} is a file; Ray Tune keeps its state in a folder")
+    try:
+        check_can_create(storage / "experiment_state.json")
+    except CarclfError as e:
+        raise SweepError(f"--storage-path: {e} (pick a folder you can write to)") from None
 
 
 def _path_overrides(spec: SweepSpec, address: str | None = None) -> dict:
@@ -391,6 +406,8 @@ def _prepare(spec_path: Path, spec: SweepSpec, name: str, out_dir: Path, resume:
             raise SweepError(f"sweep {name!r} already exists in {out_dir}: continue it with --resume, "
                              f"or pick another --name")
         return text, None
+    if not (out_dir / "sweep.json").exists() and _is_running(out_dir):  # its first driver is still starting
+        raise _running(name, out_dir / "sweep.lock")
     state = _read_state(out_dir)
     saved = out_dir / "sweep.yaml"
     if saved.is_file() and saved.read_text(encoding="utf-8") != text:
