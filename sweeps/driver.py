@@ -122,7 +122,8 @@ def _absolute(path: str | Path, field_name: str, must_exist: bool) -> Path:
     """Relative paths are taken from the working directory, then from the project root."""
     found = paths.locate(path)
     if must_exist and not found.exists():
-        raise SweepError(f"{field_name}: {path} does not exist (looked in {Path.cwd()} and {paths.project_root()})")
+        places = " and ".join(dict.fromkeys(str(p) for p in (Path.cwd(), paths.project_root())))
+        raise SweepError(f"{field_name}: {path} does not exist (looked in {places})")
     return found.resolve()
 
 

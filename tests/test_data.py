@@ -68,6 +68,7 @@ def test_scan_reasons_name_the_problem(image_folder):
     reasons = {Path(p).name: r for p, r in _scan(image_folder).corrupt}
     assert "empty" in reasons["empty.jpg"]
     assert "truncated" in reasons["truncated.jpg"].lower()
+    assert not any("BytesIO" in r or "0x" in r for r in reasons.values()), reasons  # no in-memory buffer named
 
 
 @pytest.mark.parametrize("setup", ["missing", "file", "no_classes", "only_bad"])
@@ -242,6 +243,32 @@ def test_small_classes_still_reach_every_split():
     assert (manifest.groupby("class")["split"].nunique() == 3).all()
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_class_too_small_to_reach_val_and_test_is_named_in_a_warning(n, caplog):
+    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+        manifest = D.split_items(_items({"tiny": n, "big": 10}), ["big", "tiny"])
+    assert set(manifest.loc[manifest["class"] == "tiny", "split"]) == {"train"}
+    assert f"tiny ({n}: {n} train, 0 val, 0 test)" in caplog.text and "big" not in caplog.text
+    assert "data.min_images to 3" in caplog.text
+
+
+def test_classes_reaching_every_split_give_no_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+        D.split_items(_items({"a": 3, "b": 10}), ["a", "b"])
+    assert "too small" not in caplog.text
+
+
+def test_the_same_image_under_two_classes_is_a_label_conflict_named_and_left_out(caplog):
+    items = _dup_items()
+    assert D.label_conflicts(items) == [["/d/a/7.jpg", "/d/c/5.jpg"]]
+    assert D.label_conflicts(_items({"a": 3, "b": 3})) == []
+    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+        kept = D.drop_label_conflicts(items)
+    assert "label conflict" in caplog.text and "/d/a/7.jpg (a), /d/c/5.jpg (c)" in caplog.text
+    assert len(kept) == len(items) - 2 and not {"/d/a/7.jpg", "/d/c/5.jpg"} & set(kept["path"])
+    assert D.find_duplicates(kept) == [["/d/a/0.jpg", "/d/a/1.jpg"], ["/d/b/2.jpg", "/d/b/3.jpg", "/d/b/4.jpg"]]
+
+
 def test_a_zero_fraction_leaves_that_split_empty():
     manifest = D.split_items(_items({"a": 10, "b": 6}), ["a", "b"], fractions=(0.8, 0.0, 0.2))
     assert set(manifest["split"]) == {"train", "test"}
@@ -372,6 +399,16 @@ def test_cli_stats_and_split(image_folder, tmp_path, capsys):
     manifest = D.load_manifest(manifest_path)
     assert set(manifest["class"]) == {"alpha", "beta", "gamma"}  # rare (2) < default --min-images 5
     _assert_no_leak(manifest)
+
+
+def test_cli_stats_shows_class_and_count_and_escapes_odd_file_names(image_folder, tmp_path, capsys):
+    data = image_folder.root
+    original = next(data.rglob("dup_1.jpg"))
+    (original.parent / "twin\nline.jpg").write_bytes(original.read_bytes())
+    assert cli_main(["data", "stats", str(data), "--figure", str(tmp_path / "f.png"), "--min-images", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["class", "count"]
+    assert "twin\\nline.jpg" in out and "twin\nline" not in out
 
 
 def test_cli_keeps_its_file_index_in_the_chosen_cache_dir(image_folder, tmp_path, capsys):

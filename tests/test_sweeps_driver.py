@@ -93,6 +93,14 @@ def test_a_claimed_name_refuses_a_second_driver_and_is_free_again_after(sweep_fi
         _plan(sweep_file)
 
 
+def test_a_missing_path_names_each_folder_looked_in_once(sweep_file, tmp_path):
+    sweep_file.write_text(yaml.safe_dump({"base": {"data": {"path": "nowhere", "image_size": 32}},
+                                          "models": {"svm": {"space": {"kernel": "linear"}}}}))
+    with pytest.raises(SweepError) as err:
+        _plan(sweep_file)  # the working directory is the project root here
+    assert str(err.value).endswith(f"nowhere does not exist (looked in {tmp_path})")
+
+
 def test_resume_while_the_first_driver_is_still_starting_says_it_is_running(sweep_file, tmp_path):
     from sweeps.driver import claim_sweep
 
