@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,30 @@ def test_scan_result_does_not_depend_on_a_second_scan(image_folder):
     second = _scan(image_folder)  # served from the file index and the warm cache
     pd.testing.assert_frame_equal(first.items, second.items)
     assert first.corrupt == second.corrupt
+
+
+def test_a_file_overwritten_since_the_last_scan_is_read_again_even_with_its_mtime_put_back(image_folder):
+    import os
+
+    first = _scan(image_folder)
+    victim = Path(first.items["path"].iloc[0])
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)  # same size ...
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime: the index alone would trust it
+    second = _scan(image_folder)
+    assert str(victim) not in set(second.items["path"]) and str(victim) in {p for p, _ in second.corrupt}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
+def test_a_file_made_unreadable_since_the_last_scan_is_named(image_folder):
+    first = _scan(image_folder)
+    victim = Path(first.items["path"].iloc[0])
+    victim.chmod(0)
+    try:
+        second = _scan(image_folder)
+    finally:
+        victim.chmod(0o644)
+    assert dict(second.corrupt)[str(victim)].startswith("PermissionError")
 
 
 # --------------------------------------------------------------------------- classes
