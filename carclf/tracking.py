@@ -61,7 +61,36 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             uri = SQLITE_PREFIX + str((paths.project_root() / db).resolve())
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
+    elif uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_DRIVERS:
+        _check_database_driver(uri)
     return uri
+
+
+# The packages that install each database driver SQLAlchemy may pick (by its driver name), and carclf's extra.
+_DATABASE_DRIVERS = {"postgresql": "postgres", "mysql": None, "mssql": None}
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL",
+                    "mysqldb": "mysqlclient", "pyodbc": "pyodbc", "pg8000": "pg8000", "asyncpg": "asyncpg"}
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database URI whose driver (as SQLAlchemy picks it) is not installed: TrackingError naming what to install,
+    before anything starts (MLflow would fail later, with a traceback, in every command)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(uri).get_dialect()
+        dialect.import_dbapi()
+    except ImportError as e:
+        driver = getattr(dialect, "driver", e.name)
+        package = _DRIVER_PACKAGES.get(driver, e.name)
+        extra = _DATABASE_DRIVERS[uri.split(":", 1)[0].split("+", 1)[0]]
+        how = f"pip install 'carclf[{extra}]' (or {package!r})" if extra and driver == "psycopg" else \
+            f"pip install {package!r}"
+        raise TrackingError(f"tracking URI {redact(uri)} needs the database driver {driver!r}, which is not installed "
+                            f"(No module named {e.name!r}); {how}") from None
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        raise TrackingError(f"tracking URI {redact(uri)} is not a database URL SQLAlchemy understands ({e})") from None
 
 
 def _check_server(uri: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -264,3 +265,23 @@ def test_processes_that_first_touch_a_new_sqlite_store_at_once_all_get_the_same_
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outs]
     assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None, reason="psycopg is installed here")
+def test_a_postgres_uri_without_its_driver_names_the_extra_before_anything_starts():
+    from carclf.errors import TrackingError
+    from carclf.tracking import resolve_tracking_uri
+
+    with pytest.raises(TrackingError) as err:
+        resolve_tracking_uri("postgresql://me:secret@db.example/mlflow")
+    msg = str(err.value)
+    assert "needs the database driver 'psycopg'" in msg and "pip install 'carclf[postgres]'" in msg
+    assert "secret" not in msg
+
+
+def test_a_database_uri_sqlalchemy_cannot_read_is_named():
+    from carclf.errors import TrackingError
+    from carclf.tracking import resolve_tracking_uri
+
+    with pytest.raises(TrackingError, match="is not a database URL SQLAlchemy understands"):
+        resolve_tracking_uri("postgresql+nosuchdriver://db.example/mlflow")
