@@ -59,11 +59,30 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         db = uri[len(SQLITE_PREFIX):]
         if db and db != ":memory:" and not os.path.isabs(db):
             uri = SQLITE_PREFIX + str((paths.project_root() / db).resolve())
+        check_sqlite_store(uri[len(SQLITE_PREFIX):])
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
     elif uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_DRIVERS:
         _check_database_driver(uri)
     return uri
+
+
+def check_sqlite_store(db: str) -> None:
+    """An existing sqlite store that SQLite cannot read (its first page overwritten, not a database at all):
+    TrackingError naming the file, instead of an SQLAlchemy traceback from the first MLflow call."""
+    import sqlite3
+
+    if not db or db == ":memory:" or not os.path.isfile(db):
+        return  # a new store: MLflow creates it
+    try:
+        with contextlib.closing(sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True,
+                                                timeout=30)) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the schema page
+    except sqlite3.OperationalError:
+        return  # locked or not openable here: not damage; MLflow says what it is
+    except sqlite3.DatabaseError as e:
+        raise TrackingError(f"tracking store {db} is not a readable SQLite database ({e}); restore it from a backup, "
+                            "or move it aside to start a new store (its runs are then not seen)") from None
 
 
 # The packages that install each database driver SQLAlchemy may pick (by its driver name), and carclf's extra.

@@ -60,7 +60,7 @@ def plan_sweep(spec_path, *, name: str | None, address: str | None, resume: bool
     out_dir = paths.sweep_dir(name, source)
     text, state = _prepare(spec_path, spec, name, out_dir, resume)
     overrides = _path_overrides(spec, address)
-    uri = state["tracking_uri"] if state else _tracking_uri(spec, tracking_uri)
+    uri = _tracking_uri(spec, state["tracking_uri"]) if state else _tracking_uri(spec, tracking_uri)  # checked
     storage = state["storage_path"] if state else _storage(storage_path, out_dir)
     uri, storage = _cluster_settings(address, uri, storage, spec, overrides)
     experiment = state["experiment"] if state else spec.base.get("tracking", {}).get("experiment", "carclf")
