@@ -10,6 +10,12 @@ Scenarios (each its own sweep name in one project folder and one MLflow database
   driver_sigterm     the driver gets SIGTERM after its first trial; then --resume
   two_at_once        three `carclf sweep` at once: names x, x and y (one x must be refused, untouched)
   results_enospc     writing the results table fails with ENOSPC; then --resume writes it
+  store_deleted      the sweep's mlflow.db is deleted after its first trial; restored from a copy, then --resume
+  store_corrupted    mlflow.db's first page is overwritten after the first trial; restored, then --resume
+  disk_full          the project lies on a small tmpfs, filled after the first trial; freed, then --resume
+                     (skipped, with the reason, where no tmpfs can be mounted)
+The last three also report `stop_s`, the seconds from the fault to the driver's exit (a clean stop:
+the cause and the resume line printed). CARCLF_BENCH_SCENARIOS=store_deleted,disk_full runs only those.
 For each: trials expected, trials recorded (a row in results.csv and exactly one finished run,
 or for trials the budget cut, a row and no open run), runs left RUNNING, files half-written
 (temporary files, unreadable or mismatched tables, unreadable sweep.json). The RESULT line holds
@@ -37,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 SAMPLES = 3
+STOP_LIMIT_S = 180  # a store or disk fault must end the driver within this (the aim is about a minute)
 
 
 # ---------------------------------------------------------------------- the sweeps
@@ -185,8 +192,8 @@ def time_budget(tmp, uri, data):
     return check(tmp, uri, ["time_budget"], len(table), budget=True)
 
 
-def cli(tmp, name, path, *extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def cli(tmp, name, path, *extra, project: Path | None = None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **({"CARCLF_PROJECT_ROOT": str(project)} if project else {}))
     return subprocess.Popen([sys.executable, "-m", "carclf.cli", "sweep", str(path), "--name", name, *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=ROOT)
@@ -264,6 +271,88 @@ def results_enospc(tmp, uri, data):
     return after
 
 
+def _store_fault(tmp: Path, data: Path, name: str, fault) -> dict:
+    """A CLI sweep in its own project folder; `fault(project)` after its first trial; the driver must stop on its
+    own, naming the cause and the resume line; then `fault`'s undo and --resume must finish every trial."""
+    import shutil
+
+    project = tmp / name
+    project.mkdir(exist_ok=True)
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    path = sweep_file(project, name, data, num_samples=4)
+    proc = cli(project, name, path, "--tracking-uri", uri, project=project)
+    faulted: dict = {}
+
+    def act(p):
+        shutil.copy2(project / "mlflow.db", tmp / f"{name}.backup.db")  # the user's backup, taken just before
+        faulted["undo"], faulted["at"] = fault(project), time.monotonic()
+        timer.start()
+
+    def hung():  # a driver still there this long after the fault did not stop on its own
+        faulted["killed"] = True
+        os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(STOP_LIMIT_S, hung)
+    text = _after_trials(proc, 1, act)
+    timer.cancel()
+    stop_s = round(time.monotonic() - faulted["at"], 1) if "at" in faulted else None
+    clean = not faulted.get("killed") and proc.returncode in (2, 130) and "--resume" in text
+    print(f"  stopped with exit {proc.returncode} after {stop_s} s; last lines:\n    "
+          + "\n    ".join(text.strip().splitlines()[-3:]), flush=True)
+    faulted["undo"]()
+    resumed = cli(project, name, path, "--tracking-uri", uri, "--resume", project=project)
+    out = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, out[-2000:]
+    result = check(project, uri, [name], 4)
+    result.update(stop_s=stop_s, clean_stop=clean)
+    if not clean:
+        result["half_written"] += 1  # a stop that needed a kill, or said nothing, counts as a loss
+    return result
+
+
+def store_deleted(tmp, uri, data):
+    def fault(project):
+        (project / "mlflow.db").unlink()
+        return lambda: os.replace(tmp / "store_deleted.backup.db", project / "mlflow.db")
+    return _store_fault(tmp, data, "store_deleted", fault)
+
+
+def store_corrupted(tmp, uri, data):
+    def fault(project):
+        with open(project / "mlflow.db", "r+b") as f:
+            f.write(b"\0" * 4096)  # its first page
+        return lambda: os.replace(tmp / "store_corrupted.backup.db", project / "mlflow.db")
+    return _store_fault(tmp, data, "store_corrupted", fault)
+
+
+def disk_full(tmp, uri, data):
+    mount = tmp / "disk_full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        return {"expected": 0, "recorded": 0, "running": 0, "half_written": 0,
+                "skipped": f"no tmpfs here: {done.stderr.strip()[:200]}"}
+
+    def fault(project):
+        filler = project / "filler"
+        free = os.statvfs(project).f_bavail * os.statvfs(project).f_frsize
+        with open(filler, "wb") as f:  # leave 4 MB: below the watchdog's limit, as a disk filling up would
+            f.truncate(0)
+            chunk = b"\0" * 2**20
+            for _ in range(max(0, free // 2**20 - 4)):
+                f.write(chunk)
+        return lambda: filler.unlink()
+
+    try:
+        return _store_fault(tmp, data, "disk_full", fault)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+STORE_SCENARIOS = [("store_deleted", store_deleted), ("store_corrupted", store_corrupted), ("disk_full", disk_full)]
+
+
 def main() -> int:
     import ray
 
@@ -277,10 +366,13 @@ def main() -> int:
         data = tmp / "demo"
         make_demo(data, n_images=60, size=40, seed=0)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
-        # One Ray for the in-process scenarios; it inherits CARCLF_BENCH_CONTROL.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        chosen = [n for n in os.environ.get("CARCLF_BENCH_SCENARIOS", "").split(",") if n]
         scenarios = [("worker_sigkill", worker_sigkill), ("server_killed", server_killed),
                      ("time_budget", time_budget), ("results_enospc", results_enospc)]
+        scenarios = [(n, run) for n, run in scenarios if not chosen or n in chosen]
+        # One Ray for the in-process scenarios; it inherits CARCLF_BENCH_CONTROL.
+        if scenarios:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         try:
             for name, run in scenarios:
                 results[name] = timed(name, run, tmp, uri, data)
@@ -288,8 +380,9 @@ def main() -> int:
             ray.shutdown()
         for name, run in [("driver_sigkill", lambda t, u, d: driver_killed(t, u, d, "sigkill")),
                           ("driver_sigterm", lambda t, u, d: driver_killed(t, u, d, "sigterm")),
-                          ("two_at_once", two_at_once)]:
-            results[name] = timed(name, run, tmp, uri, data)
+                          ("two_at_once", two_at_once), *STORE_SCENARIOS]:
+            if not chosen or name in chosen:
+                results[name] = timed(name, run, tmp, uri, data)
     lost = sum(r["expected"] - r["recorded"] + r["running"] + r["half_written"] for r in results.values())
     print(f"\n{'scenario':16} {'expected':>8} {'recorded':>8} {'RUNNING':>8} {'half-written':>12} {'seconds':>8}")
     for name, r in results.items():

@@ -11,7 +11,9 @@ the same split at the same size is one file whatever the balancing, and a change
 content hash at scan time) gives a new file, so an old array is never served for new content.
 Files are written to a temporary name and moved into place with os.replace; a reader checks
 the header's shape and the file's exact length, so a leftover temporary file is never opened
-and a truncated or foreign file is rebuilt rather than read.
+and a truncated or foreign file is rebuilt rather than read. As the decode cache's entries, each
+array has a checksum of its pixels (xxh3, in `<key>.xxh3` beside it, written first): a process
+checks it once per file before using the array, so flipped bytes are rebuilt with a warning.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import numpy as np
 import pandas as pd
 
 from carclf import paths
-from carclf.cache import DecodeCache, atomic_write_bytes
+import xxhash
+
+from carclf.cache import DecodeCache, atomic_path, atomic_write_bytes
 from carclf.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -132,7 +136,36 @@ def open_array(path: Path, n_images: int, image_size: int) -> np.ndarray | None:
     if size != array.offset + array.nbytes:
         log.warning("ignoring split array %s: %d bytes, expected %d", path, size, array.offset + array.nbytes)
         return None
-    return array
+    return array if _checksum_matches(path, array) else None
+
+
+def checksum_path(path: Path) -> Path:
+    return Path(path).with_suffix(".xxh3")
+
+
+_verified: set[tuple] = set()  # (path, size, mtime_ns, inode) of array files this process has checked
+_verified_lock = threading.Lock()
+
+
+def _checksum_matches(path: Path, array: np.memmap) -> bool:
+    """Whether the array's pixels match the checksum written with them (checked once per process and file)."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _verified_lock:
+        if key in _verified:
+            return True
+    try:
+        expected = checksum_path(path).read_text(encoding="ascii").strip()
+    except OSError:
+        log.info("split array %s has no checksum (written by an older carclf): rebuilt", path)
+        return False
+    if xxhash.xxh3_64_hexdigest(array) != expected:
+        log.warning("split array %s does not match its checksum (its bytes changed since it was written): rebuilt "
+                    "from the decode cache", path)
+        return False
+    with _verified_lock:
+        _verified.add(key)
+    return True
 
 
 def build_array(path: Path, images: pd.DataFrame, cache: DecodeCache) -> None:
@@ -140,14 +173,23 @@ def build_array(path: Path, images: pd.DataFrame, cache: DecodeCache) -> None:
     size = cache.image_size
     header = {"descr": "|u1", "fortran_order": False, "shape": (len(images), size, size, 3)}
 
+    digest = xxhash.xxh3_64()
+
     def write(f) -> None:
         np.lib.format.write_array_header_1_0(f, header)
         for sha, source in zip(images["sha256"], images["path"]):
-            f.write(np.ascontiguousarray(cache.load(source, sha)).tobytes())
+            pixels = np.ascontiguousarray(cache.load(source, sha)).tobytes()
+            digest.update(pixels)
+            f.write(pixels)
 
     log.info("writing split array %s (%d images at %d px)", path, len(images), size)
     try:
-        atomic_write_bytes(path, write)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                write(f)
+            # The checksum goes first: the array's name is a hash of its content, so an older file of that name
+            # holds the same pixels and matches it too.
+            atomic_write_bytes(checksum_path(path), lambda f: f.write(digest.hexdigest().encode("ascii")))
     except OSError as e:
         raise DataError(f"cannot write the split array {path}: {e.strerror or e} "
                         "(set data.cache_dir or CARCLF_CACHE_DIR to a writable folder with free space)") from e
@@ -222,3 +264,5 @@ def clear_memo() -> None:
     """Forget the split arrays this process keeps in RAM."""
     with _memo_lock:
         _memo.clear()
+    with _verified_lock:
+        _verified.clear()

@@ -122,6 +122,19 @@ def atomic_write_bytes(path: Path, write, *, mode: int = PRIVATE_FILE_MODE) -> N
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def check_can_create(path: Path | str, what: str = "", hint: str = "") -> None:
+    """DataError naming `path` unless a file can be made there, found by making (and removing) a temporary file in
+    its nearest existing folder: os.access says yes to root even on /proc or a read-only mount."""
+    path = Path(path).expanduser()
+    folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise write_error(path, OSError(errno.ENOTDIR, "not a folder"), what, hint)
+    try:
+        os.unlink(new_temp_file(folder / path.name, PRIVATE_FILE_MODE))
+    except OSError as e:
+        raise write_error(path, e, what, hint) from None
+
+
 def write_error(path: Path | str, exc: OSError, what: str = "", hint: str = "") -> DataError:
     """A DataError naming the file that could not be written and why (disk full, read-only, no permission)."""
     reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",

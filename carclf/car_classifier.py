@@ -110,8 +110,8 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
 
 
 def read_error(exc: BaseException) -> str:
-    """A one-line reason for an unreadable image."""
-    text = str(exc).strip() or "unreadable"
+    """A one-line reason for an unreadable image (without the in-memory buffer PIL names: it says nothing)."""
+    text = _BYTESIO_REPR.sub("", str(exc)).strip() or "unreadable"
     return f"{type(exc).__name__}: {text}"
 
 

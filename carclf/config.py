@@ -9,6 +9,7 @@ field and the allowed values.
 from __future__ import annotations
 
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -224,7 +225,9 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
-        set_dotted(out, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        _check_expanded_size(value, f"--set {key.strip()}")
+        set_dotted(out, key.strip(), value)
     return out
 
 
@@ -247,11 +250,35 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    _check_expanded_size(data, f"config file {p}")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+# YAML aliases let a few lines expand to billions of values (an "alias bomb"); a config has a few hundred.
+MAX_YAML_VALUES = 100_000
+# Values in messages are shortened: a nested or long value is shown by its start.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 80, 80
+
+
+def _check_expanded_size(data: Any, source: str) -> None:
+    """Refuse a value whose aliases expand to more than MAX_YAML_VALUES; the walk stops at the limit."""
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{source} expands to more than {MAX_YAML_VALUES:,} values (YAML anchors and "
+                              "aliases repeated inside each other); write the values out instead")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
@@ -266,7 +293,7 @@ def format_validation_error(err: ValidationError, source: str = "config") -> str
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
             continue
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = "" if isinstance(value, dict) else f" (got {_SHOWN.repr(value)})"
         message = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {field}: {message}{shown}" + "".join(f" (read as {form})" for form in forms))
     return "\n".join(lines)

@@ -77,6 +77,31 @@ def find_duplicates(items: pd.DataFrame) -> list[list[str]]:
     return sorted(g for g in groups if len(g) >= 2)
 
 
+def label_conflicts(items: pd.DataFrame) -> list[list[str]]:
+    """Groups (sorted paths) of byte-identical files filed under more than one class: no label is right for them."""
+    classes = items.groupby("sha256")["class"].nunique()
+    clashing = items[items["sha256"].isin(classes.index[classes > 1])]
+    return sorted(sorted(g) for g in clashing.groupby("sha256")["path"].apply(list))
+
+
+def drop_label_conflicts(items: pd.DataFrame) -> pd.DataFrame:
+    """The items without label conflicts; each conflict is named in a warning (path: class)."""
+    conflicts = label_conflicts(items)
+    if not conflicts:
+        return items
+    class_of = dict(zip(items["path"], items["class"]))
+    for group in conflicts:
+        log.warning("label conflict: the same image is filed under %d classes, left out: %s",
+                    len({class_of[p] for p in group}), ", ".join(f"{_shown(p)} ({class_of[p]})" for p in group))
+    dropped = {p for g in conflicts for p in g}
+    return items[~items["path"].isin(dropped)].reset_index(drop=True)
+
+
+def _shown(path: str) -> str:
+    """A path for one line of output: control characters (a newline in a file name) escaped."""
+    return path if path.isprintable() else repr(path)[1:-1]
+
+
 # --------------------------------------------------------------------------- split
 
 
@@ -112,11 +137,17 @@ def split_items(items: pd.DataFrame, classes: Sequence[str], *, fractions=(0.7, 
     # Duplicate groups are the unit of splitting; a group counts toward its most common class.
     unit_class = items.groupby("sha256")["class"].agg(lambda s: sorted(s.mode())[0])
     split_of: dict[str, str] = {}
+    short = []
     for cls in classes:
         shas = sorted(unit_class.index[unit_class == cls], key=lambda h: _unit_order(h, seed))
-        n_train, n_val, _ = _split_counts(len(shas), fractions)
+        n_train, n_val, n_test = _split_counts(len(shas), fractions)
+        if (fractions[1] > 0 and not n_val) or (fractions[2] > 0 and not n_test):
+            short.append(f"{cls} ({len(shas)}: {n_train} train, {n_val} val, {n_test} test)")
         for rank, sha in enumerate(shas):
             split_of[sha] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    if short:  # such a class is never scored on validation or test: its metrics there say nothing about it
+        log.warning("classes too small to reach every split (3 distinct images are needed): %s; raise "
+                    "data.min_images to 3 or more to leave them out", ", ".join(short))
     manifest = items[["path", "sha256", "class"]].copy()
     manifest["label"] = manifest["class"].map(label_of).astype("int64")
     manifest["split"] = manifest["sha256"].map(split_of)
@@ -274,6 +305,7 @@ def prepare_data(cfg, *, image_size: int, progress: bool = False, decode: bool =
     scan = scan_folder(cfg.data.path, cache=cache if decode else None, progress=progress)
     items, classes = select_classes(scan.items, classes=cfg.data.classes, top_k=cfg.data.top_k,
                                     min_images=cfg.data.min_images)
+    items = drop_label_conflicts(items)
     _need_two_classes(cfg, scan.items, classes)
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     manifest = split_items(items, classes, fractions=fractions, seed=cfg.split.seed)
@@ -311,13 +343,13 @@ def _scan_and_select(args) -> tuple[ScanResult, pd.DataFrame, list[str]]:
     index_dir = decode_cache_for(cache_dir, VERIFY_SIZE).root
     scan = scan_tree(args.path, cache=None, index_dir=index_dir, progress=True)
     items, classes = select_classes(scan.items, classes=args.classes, top_k=args.top_k, min_images=args.min_images)
-    return scan, items, classes
+    return scan, drop_label_conflicts(items), classes
 
 
 def _print_list(title: str, entries: list[tuple[str, str]], limit: int = 20) -> None:
     print(f"\n{title}: {len(entries)}")
     for path, reason in entries[:limit]:
-        print(f"  {path}: {reason}")
+        print(f"  {_shown(path)}: {reason}")
     if len(entries) > limit:
         print(f"  ... and {len(entries) - limit} more")
 
@@ -325,12 +357,12 @@ def _print_list(title: str, entries: list[tuple[str, str]], limit: int = 20) -> 
 def cli_stats(args) -> int:
     scan, items, classes = _scan_and_select(args)
     table = class_table(items, classes)
-    print(table.to_string(index=False))
+    print(table.drop(columns="index").to_string(index=False))  # the label index is for code, not for people
     print(f"\n{int(table['count'].sum())} images in {len(classes)} classes")
     duplicates = find_duplicates(items)
     print(f"\nexact duplicates: {len(duplicates)} groups ({sum(len(g) for g in duplicates)} files)")
     for group in duplicates:
-        print("  " + "  ==  ".join(group))
+        print("  " + "  ==  ".join(map(_shown, group)))
     _print_list("skipped files (hidden or not images)", scan.skipped)
     _print_list("unreadable images (left out)", scan.corrupt)
     from carclf.figures import class_frequency_figure, save_figure

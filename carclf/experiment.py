@@ -71,10 +71,11 @@ class _Outcome:
 
 def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, parent_run_id: str | None = None,
                    tags: dict | None = None, evaluate_test: bool = True, log_model: bool | None = None,
-                   progress: bool = False) -> ExperimentResult:
+                   progress: bool = False, data=None) -> ExperimentResult:
     """Everything one trial does, logged to one MLflow run (a child of `parent_run_id` if given).
 
     Raises whatever fails (data, weights, the callback); the run then ends FAILED with tag carclf.error.
+    `data`: the PreparedData of `cfg`, when the caller checked it before any run started (`carclf train`).
     """
     from carclf.data import prepare_data
     from carclf.models import is_network
@@ -88,7 +89,8 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
     with tracking.start_run(experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name,
                             parent_run_id=parent_run_id, tags=run_tags, uri=cfg.tracking.uri) as run:
         tracking.log_config(cfg)
-        data = prepare_data(cfg, image_size=cfg.data.image_size, progress=progress)
+        if data is None:
+            data = prepare_data(cfg, image_size=cfg.data.image_size, progress=progress)
         _log_data(data, cfg.data.cache_dir)
         step = _epoch_logger(on_epoch)
         branch = _run_network if kind == "network" else _run_svm
@@ -382,7 +384,14 @@ def cli_train(args) -> int:
 
     # the URI may carry a password (https://user:pass@host, postgresql://...): never print it
     print(f"model {cfg.model.name} on {cfg.data.path}; tracking {redact(uri)} (experiment {cfg.tracking.experiment!r})")
-    result = run_experiment(cfg, progress=True)
+    from carclf.data import prepare_data
+    from carclf.training import check_device
+
+    check_device(cfg.train.device)  # before the scan and the run: a device that is not there is a config error
+    # The data is scanned, selected and split before the run starts: a path that is a file or a single class
+    # is refused with nothing logged
+    data = prepare_data(cfg, image_size=cfg.data.image_size, progress=True)
+    result = run_experiment(cfg, progress=True, data=data)
     print()
     print(summary_table(result).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\ntrain {result.train_seconds:.1f} s, inference {1000 * result.infer_seconds_per_image:.2f} ms/image, "

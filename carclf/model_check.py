@@ -188,7 +188,28 @@ def check_spec(folder: Path, artifacts: dict[str, str], uri: str) -> dict:
     kind = spec.get("kind")
     if kind not in ("network", "svm") or (kind == "svm") != ("svm" in artifacts):
         raise _refuse(uri, f"its spec says kind {kind!r} but its artifacts are {sorted(artifacts)}")
+    check_kwargs(spec.get("kwargs", {}), uri)
     return spec
+
+
+# Constructor arguments that fetch or read weights (torchvision, timm): the weights come from weights.pt alone.
+_WEIGHTS_KWARGS = {"weights", "weights_backbone", "progress", "pretrained", "pretrained_backbone", "pretrained_cfg",
+                   "pretrained_cfg_overlay", "checkpoint_path", "model_dir", "file", "url"}
+
+
+def check_kwargs(kwargs, uri: str) -> None:
+    """The network's constructor arguments in spec.json: plain values, none of which loads or downloads weights."""
+    if not isinstance(kwargs, dict):
+        raise _refuse(uri, f"its spec's kwargs are not a mapping ({type(kwargs).__name__})")
+    fetching = sorted(set(kwargs) & _WEIGHTS_KWARGS)
+    if fetching:
+        raise _refuse(uri, f"its spec passes constructor arguments carclf never writes: {', '.join(fetching)} "
+                           "(they would load or download other weights)")
+    plain = (str, int, float, bool, type(None))
+    odd = sorted(k for k, v in kwargs.items()
+                 if not (isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v))))
+    if odd:
+        raise _refuse(uri, f"its spec's kwargs {', '.join(odd)} are not plain values")
 
 
 def check_weights(folder: Path, artifacts: dict[str, str], uri: str) -> None:
@@ -196,8 +217,29 @@ def check_weights(folder: Path, artifacts: dict[str, str], uri: str) -> None:
     svm.skops names no type outside carclf's own trusted list."""
     if not zipfile.is_zipfile(folder / ARTIFACTS["weights"]):
         raise _refuse(uri, f"its {ARTIFACTS['weights']} is not a torch state_dict archive")
+    check_state_dict(folder / ARTIFACTS["weights"], uri)
     if "svm" in artifacts:
         check_skops(folder / ARTIFACTS["svm"], uri)
+
+
+def check_state_dict(path: Path, uri: str) -> None:
+    """weights.pt holds tensors by name and nothing else, read as the model will read it (weights_only: a pickled
+    object is refused by torch, not built) but memory-mapped, so the check costs no copy of the weights."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:
+        # torch explains how to load it anyway; only its reason belongs here ("Unsupported global: GLOBAL io.open")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        reason = next((ln.split("error:", 1)[1].split(" was not")[0].strip() for ln in lines
+                       if ln.startswith("WeightsUnpickler error:")), lines[0])[:200]
+        raise _refuse(uri, f"its {ARTIFACTS['weights']} is not a plain state_dict: torch refused it "
+                           f"({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise _refuse(uri, f"its {ARTIFACTS['weights']} holds {type(state).__name__}, not a state_dict of tensors")
 
 
 def check_skops(path: Path, uri: str) -> None:

@@ -116,8 +116,11 @@ def check_writable(out: str | Path) -> Path:
     folder = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
     if path.is_dir():
         raise DataError(f"--out {path}: is a folder; give a file name such as {path / 'predictions.csv'}")
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir():
         raise DataError(f"--out {path}: cannot write there ({folder} is not a writable folder)")
+    from carclf.cache import check_can_create
+
+    check_can_create(path, "--out", "pick another --out")
     return path
 
 

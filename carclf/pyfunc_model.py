@@ -28,8 +28,23 @@ class CarClassifierModel(PythonModel):
 
     # The DataFrame hint tells MLflow to check inputs against the logged signature, not to infer one.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        top_k = (params or {}).get("top_k", car_classifier.DEFAULT_TOP_K)
-        return self.classifier.predict(model_input, top_k=int(top_k))
+        top_k = _top_k((params or {}).get("top_k", car_classifier.DEFAULT_TOP_K))
+        return self.classifier.predict(model_input, top_k=top_k)
+
+
+def _top_k(value) -> int:
+    """params.top_k as a whole number of at least 1; else MLflow's invalid-parameter error (a 400 with this
+    one line when served, no stack trace)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        top_k = int(value) if float(value) == int(value) else 0
+    except (TypeError, ValueError, OverflowError):
+        top_k = 0
+    if top_k < 1:
+        raise MlflowException.invalid_parameter_value(f"params.top_k must be a whole number of at least 1, "
+                                                      f"got {str(value)[:40]!r}")
+    return top_k
 
 
 mlflow.models.set_model(CarClassifierModel())

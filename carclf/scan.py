@@ -216,11 +216,31 @@ def _lookup_known(candidates, index: FileIndex, cache: DecodeCache | None):
             results[i] = ("", "empty file (0 bytes)")
             continue
         known = index.lookup(path, st.st_size, st.st_mtime_ns)
+        if known is not None and not known[1]:
+            # The index knows path, size and mtime only: the file may have lost its read permission, or been
+            # overwritten with its mtime put back. Opening it and reading its first bytes costs little.
+            known = _still_an_image(path, known)
         if known is not None and (known[1] or cache is None or cache.contains(known[0])):
             results[i] = known
         else:
             todo.append((i, st))
     return results, todo
+
+
+# The first bytes of each image format scanned (IMAGE_EXTENSIONS); WebP is RIFF....WEBP.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _still_an_image(path: str, known: tuple[str, str]) -> tuple[str, str] | None:
+    """`known` if the file still opens and starts like an image; its read error; or None (read it again)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError as e:
+        return "", read_error(e)
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return known
+    return None
 
 
 def _check_many(todo, candidates, cache, bar):

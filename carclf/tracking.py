@@ -59,9 +59,57 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         db = uri[len(SQLITE_PREFIX):]
         if db and db != ":memory:" and not os.path.isabs(db):
             uri = SQLITE_PREFIX + str((paths.project_root() / db).resolve())
+        check_sqlite_store(uri[len(SQLITE_PREFIX):])
     elif uri.startswith(("http://", "https://")):
         _check_server(uri)
+    elif uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_DRIVERS:
+        _check_database_driver(uri)
     return uri
+
+
+def check_sqlite_store(db: str) -> None:
+    """An existing sqlite store that SQLite cannot read (its first page overwritten, not a database at all):
+    TrackingError naming the file, instead of an SQLAlchemy traceback from the first MLflow call."""
+    import sqlite3
+
+    if not db or db == ":memory:" or not os.path.isfile(db):
+        return  # a new store: MLflow creates it
+    try:
+        with contextlib.closing(sqlite3.connect(f"{Path(db).resolve().as_uri()}?mode=ro", uri=True,
+                                                timeout=30)) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the schema page
+    except sqlite3.OperationalError:
+        return  # locked or not openable here: not damage; MLflow says what it is
+    except sqlite3.DatabaseError as e:
+        raise TrackingError(f"tracking store {db} is not a readable SQLite database ({e}); restore it from a backup, "
+                            "or move it aside to start a new store (its runs are then not seen)") from None
+
+
+# The packages that install each database driver SQLAlchemy may pick (by its driver name), and carclf's extra.
+_DATABASE_DRIVERS = {"postgresql": "postgres", "mysql": None, "mssql": None}
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL",
+                    "mysqldb": "mysqlclient", "pyodbc": "pyodbc", "pg8000": "pg8000", "asyncpg": "asyncpg"}
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database URI whose driver (as SQLAlchemy picks it) is not installed: TrackingError naming what to install,
+    before anything starts (MLflow would fail later, with a traceback, in every command)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(uri).get_dialect()
+        dialect.import_dbapi()
+    except ImportError as e:
+        driver = getattr(dialect, "driver", e.name)
+        package = _DRIVER_PACKAGES.get(driver, e.name)
+        extra = _DATABASE_DRIVERS[uri.split(":", 1)[0].split("+", 1)[0]]
+        how = f"pip install 'carclf[{extra}]' (or {package!r})" if extra and driver == "psycopg" else \
+            f"pip install {package!r}"
+        raise TrackingError(f"tracking URI {redact(uri)} needs the database driver {driver!r}, which is not installed "
+                            f"(No module named {e.name!r}); {how}") from None
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:
+        raise TrackingError(f"tracking URI {redact(uri)} is not a database URL SQLAlchemy understands ({e})") from None
 
 
 def _check_server(uri: str) -> None:

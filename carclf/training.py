@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from carclf.config import TrainConfig
+from carclf.errors import ConfigError
 from carclf.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,20 @@ EpochCallback = Callable[[int, dict], None]
 SELECTION_METRIC = "val_f1_macro"
 
 
+def check_device(pref: str) -> None:
+    """An explicit train.device this machine lacks is a ConfigError naming it (torch would fail mid-run)."""
+    mps = getattr(torch.backends, "mps", None)
+    present = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available()}
+    if not present.get(pref, True):
+        raise ConfigError(f"train.device={pref}, but torch finds no {pref.upper()} device on this machine "
+                          f"(torch.{'cuda' if pref == 'cuda' else 'backends.mps'}.is_available() is False); "
+                          "set train.device to auto or cpu")
+
+
 def select_device(pref: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit choice is honoured as given."""
+    """`auto` picks cuda, then mps, then cpu; an explicit choice is honoured as given (checked first)."""
     if pref != "auto":
+        check_device(pref)
         return torch.device(pref)
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -207,7 +207,12 @@ def _check_writable(path: str) -> str | None:
     existing = next((q for q in (p, *p.parents) if q.exists()), None)
     if existing is None or not existing.is_dir():
         return "cannot be created here"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    from carclf.cache import check_can_create
+    from carclf.errors import DataError
+
+    try:  # by making a file: os.access says yes to root even on a read-only mount
+        check_can_create(existing / ".carclf-check")
+    except DataError:
         return f"is not writable here ({existing} is read-only for this user)"
     return None
 

@@ -60,7 +60,7 @@ def plan_sweep(spec_path, *, name: str | None, address: str | None, resume: bool
     out_dir = paths.sweep_dir(name, source)
     text, state = _prepare(spec_path, spec, name, out_dir, resume)
     overrides = _path_overrides(spec, address)
-    uri = state["tracking_uri"] if state else _tracking_uri(spec, tracking_uri)
+    uri = _tracking_uri(spec, state["tracking_uri"]) if state else _tracking_uri(spec, tracking_uri)  # checked
     storage = state["storage_path"] if state else _storage(storage_path, out_dir)
     uri, storage = _cluster_settings(address, uri, storage, spec, overrides)
     experiment = state["experiment"] if state else spec.base.get("tracking", {}).get("experiment", "carclf")
@@ -122,7 +122,8 @@ def _absolute(path: str | Path, field_name: str, must_exist: bool) -> Path:
     """Relative paths are taken from the working directory, then from the project root."""
     found = paths.locate(path)
     if must_exist and not found.exists():
-        raise SweepError(f"{field_name}: {path} does not exist (looked in {Path.cwd()} and {paths.project_root()})")
+        places = " and ".join(dict.fromkeys(str(p) for p in (Path.cwd(), paths.project_root())))
+        raise SweepError(f"{field_name}: {path} does not exist (looked in {places})")
     return found.resolve()
 
 
@@ -132,7 +133,22 @@ def _storage(storage_path: str | None, out_dir: Path) -> str:
         return str(out_dir / "ray")
     if "://" in storage_path:
         return storage_path
-    return str(_absolute(storage_path, "--storage-path", False))
+    storage = _absolute(storage_path, "--storage-path", False)
+    _check_storage(storage)
+    return str(storage)
+
+
+def _check_storage(storage: Path) -> None:
+    """A local --storage-path is a folder a file can be made in, checked before Ray starts (Tune fails late)."""
+    from carclf.cache import check_can_create
+    from carclf.errors import CarclfError
+
+    if storage.exists() and not storage.is_dir():
+        raise SweepError(f"--storage-path {storage} is a file; Ray Tune keeps its state in a folder")
+    try:
+        check_can_create(storage / "experiment_state.json")
+    except CarclfError as e:
+        raise SweepError(f"--storage-path: {e} (pick a folder you can write to)") from None
 
 
 def _path_overrides(spec: SweepSpec, address: str | None = None) -> dict:
@@ -391,6 +407,8 @@ def _prepare(spec_path: Path, spec: SweepSpec, name: str, out_dir: Path, resume:
             raise SweepError(f"sweep {name!r} already exists in {out_dir}: continue it with --resume, "
                              f"or pick another --name")
         return text, None
+    if not (out_dir / "sweep.json").exists() and _is_running(out_dir):  # its first driver is still starting
+        raise _running(name, out_dir / "sweep.lock")
     state = _read_state(out_dir)
     saved = out_dir / "sweep.yaml"
     if saved.is_file() and saved.read_text(encoding="utf-8") != text:

@@ -59,6 +59,9 @@ def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> Non
     from carclf.models import SVM_CALIBRATION_FOLDS
 
     folder = paths.locate(cfg.data.path)
+    if folder.exists() and not folder.is_dir():
+        raise SweepError(f"models.{key}: data.path {folder} is a file; it must be a folder with one sub-folder "
+                         "per class")
     if not folder.is_dir():
         log.info("models.%s: data folder %s is not on this machine; its classes are checked by the trials", key,
                  folder)

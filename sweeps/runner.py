@@ -93,6 +93,7 @@ def _run(plan: SweepPlan, address: str | None, experiment_fn: Callable | None, t
                 timings["fit_start"], timings["fit_end"] = fit(plan.spec, plan.name, plan.storage, ctx, address,
                                                                restore=bool(plan.state),
                                                                points=start.points if start else ())
+                _stop_if_store_lost(plan, endpoint)
                 table = collect_results(plan.spec, _bookkeeping(endpoint, plan), parent, driver.trials, plan.out_dir)
             analyze_finished_sweep(plan.spec, _bookkeeping(endpoint, plan), plan.out_dir)
             status = _end_status(plan, driver, timings["fit_end"] - timings["fit_start"], endpoint.lost)
@@ -134,7 +135,16 @@ def _log_warm_start(client, parent: str, start) -> None:
 
 def _bookkeeping(endpoint: TrackingEndpoint, plan: SweepPlan):
     """The driver's client for closing the sweep: through its server, or the store itself once the server is lost."""
+    _stop_if_store_lost(plan, endpoint)  # a deleted store must not be made again, empty, by MLflow
     return _mlflow_client(plan.uri if endpoint.lost else endpoint.uri)
+
+
+def _stop_if_store_lost(plan: SweepPlan, endpoint: TrackingEndpoint) -> None:
+    """A store deleted, replaced or damaged mid-sweep: nothing more is read or written; say why and how to go on."""
+    if endpoint.store_lost:
+        raise SweepError(f"sweep {plan.name!r} stopped: {endpoint.lost}. Nothing more was written to it; once the "
+                         f"store is back (restore it from a backup), continue with: carclf sweep {plan.spec_path} "
+                         f"--name {plan.name} --resume")
 
 
 def _stop_like_ctrl_c(reason: str) -> None:

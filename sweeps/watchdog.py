@@ -11,6 +11,10 @@ and starts it again on the same port and store, so the URI every trial holds sta
 that fails `attempts` times it records why and calls `on_lost` (the runner stops Tune the way
 Ctrl-C does: the sweep ends KILLED with a resume hint).
 
+The watchdog also looks at the server's sqlite store each round: a store deleted or replaced, no longer
+an SQLite file, or on a disk with less than MIN_FREE_MB left cannot be fixed by a restart, so it
+records that (`store_lost`) and calls `on_lost` at once, instead of trials failing one by one.
+
 MLflow's HTTP client retries a request to a dead server for about four minutes by default;
 `HTTP_LIMITS` (set in the driver and in every trial) bound that to about a minute, longer than a
 restart takes, so a server that stays dead fails a trial instead of hanging it past the budget.
@@ -36,6 +40,44 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACK
 HEALTH_TIMEOUT_S = 10.0
 MISSES_BEFORE_RESTART = 3
 RESTART_ATTEMPTS = 3
+# Below this much free space on the store's disk the sweep is stopped: SQLite and the artifacts need room to finish.
+MIN_FREE_MB = 16
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _store_file(backend_store_uri: str) -> str | None:
+    return backend_store_uri[len("sqlite:///"):] if backend_store_uri.startswith("sqlite:///") else None
+
+
+def store_identity(path: str | None) -> tuple[int, int] | None:
+    """(device, inode) of the store file now; None when there is none to watch."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st else None
+
+
+def store_problem(path: str, identity: tuple[int, int]) -> tuple[str, bool] | None:
+    """Why the sweep must stop for the sqlite store at `path` (which had `identity` when the sweep started), and
+    whether the store can still be written to close its runs (a disk nearly full: yes); None if nothing is wrong."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+        vfs = os.statvfs(os.path.dirname(path) or ".")
+    except FileNotFoundError:
+        return f"its store {path} was deleted", False
+    except OSError as e:
+        return f"its store {path} cannot be read ({e.strerror or e})", False
+    if (st.st_dev, st.st_ino) != identity:
+        return f"its store {path} was replaced by another file", False
+    if header != _SQLITE_HEADER:
+        return f"its store {path} is damaged (its first bytes are no longer an SQLite header)", False
+    free_mb = vfs.f_bavail * vfs.f_frsize / 2**20
+    if free_mb < MIN_FREE_MB:
+        return f"the disk holding its store {path} is full ({free_mb:.1f} MB left)", True
+    return None
 
 
 def bound_http_retries() -> None:
@@ -67,15 +109,24 @@ class ServerWatch:
     attempts: int = RESTART_ATTEMPTS
     restarts: int = 0
     lost: str | None = None
+    store_lost: bool = False  # the store itself is unusable: nothing more can be read from or written to it
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self) -> None:
         missed = 0
+        store = _store_file(self.server.backend_store_uri)
+        identity = store_identity(store)
         while not self._stop.wait(self.interval_s):
             with self._lock:
                 if self._stop.is_set():
                     return
+                problem = store_problem(store, identity) if identity else None
+                if problem:
+                    self.lost, writable = f"the sweep's tracking store cannot be used: {problem[0]}", problem[1]
+                    self.store_lost = not writable
+                    print(self.lost, flush=True)
+                    break
                 if self.server.healthy(timeout=HEALTH_TIMEOUT_S):
                     missed = 0
                     continue
@@ -88,6 +139,8 @@ class ServerWatch:
             if self.on_lost is not None:
                 self.on_lost(self.lost)
             return
+        if self.lost and self.on_lost is not None:  # a store problem breaks out of the loop
+            self.on_lost(self.lost)
 
     def _bring_back(self) -> bool:
         port, store = self.server.port, self.server.backend_store_uri
@@ -141,3 +194,7 @@ class TrackingEndpoint:
     @property
     def lost(self) -> str | None:
         return self.watch.lost if self.watch is not None else None
+
+    @property
+    def store_lost(self) -> bool:
+        return self.watch is not None and self.watch.store_lost

@@ -108,6 +108,36 @@ def test_a_damaged_array_is_rebuilt_not_served(image_folder, caplog, damage):
     assert split.path.read_bytes() == whole
 
 
+@pytest.mark.parametrize("damage", ["flipped", "no checksum"])
+def test_an_array_whose_pixels_changed_is_rebuilt_with_a_warning(image_folder, caplog, damage):
+    import os
+
+    data = _prepare(image_folder.root)
+    path = arrays.load_split(data, "train").path
+    whole = path.read_bytes()
+    if damage == "flipped":
+        st = path.stat()
+        with open(path, "r+b") as f:  # one byte of one image, in place: same length, same header
+            f.seek(len(whole) - 7)
+            f.write(bytes([whole[-7] ^ 0xFF]))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        arrays.checksum_path(path).unlink()
+    arrays.clear_memo()  # as a new process would
+    with caplog.at_level(logging.INFO, logger="carclf.arrays"):
+        split = arrays.load_split(data, "train")
+    expected = "does not match its checksum" if damage == "flipped" else "has no checksum"
+    assert expected in caplog.text and split.path.read_bytes() == whole
+    assert arrays.checksum_path(path).is_file()
+
+
+def test_a_checked_array_is_not_hashed_again_in_the_same_process(image_folder, monkeypatch):
+    data = _prepare(image_folder.root)
+    arrays.load_split(data, "val")
+    monkeypatch.setattr(arrays.xxhash, "xxh3_64_hexdigest", lambda *a: pytest.fail("hashed twice"))
+    arrays.load_split(data, "val")
+
+
 def test_in_memory_reads_the_whole_array_once_and_memoises_it(image_folder, monkeypatch):
     data = _prepare(image_folder.root)
     split = arrays.load_split(data, "train")

@@ -96,6 +96,36 @@ def test_train_without_a_config_says_what_it_needs_and_trains_nothing(monkeypatc
     assert "--config" in err and "examples/run_svm.yaml" in err and "demo_data" in err
 
 
+def _one_class(root: Path) -> Path:
+    from conftest import encode, random_image
+
+    (root / "only").mkdir(parents=True)
+    for i in range(6):
+        (root / "only" / f"{i}.png").write_bytes(encode(random_image(i), "PNG"))
+    return root
+
+
+@pytest.mark.parametrize("case", ["file", "one_class", "cuda"])
+def test_train_refuses_unusable_data_or_device_before_any_run(case, tmp_path, monkeypatch, capsys):
+    import torch
+
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = tmp_path / "photos.zip" if case == "file" else _one_class(tmp_path / "cars")
+    if case == "file":
+        data.write_bytes(b"PK")
+    db = tmp_path / "mlflow.db"
+    args = ["train", "--config", str(ROOT / "examples" / "run_cnn.yaml"), "--set", f"data.path={data}",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"tracking.uri=sqlite:///{db}"]
+    if case == "cuda":
+        args += ["--set", "train.device=cuda"]
+    assert cli.main(args) == 2
+    expected = {"file": f"not a folder: {data}", "one_class": "a classifier needs at least 2 classes",
+                "cuda": "train.device=cuda, but torch finds no CUDA device"}[case]
+    assert expected in capsys.readouterr().err
+    assert not db.exists()  # no run was started, not even the store was made
+
+
 def test_mlflow_progress_bars_and_run_links_are_off_unless_the_user_wants_them():
     env = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "false"}  # the user's choice stays
     cli.quiet_mlflow(env)

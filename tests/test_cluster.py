@@ -232,6 +232,7 @@ def test_node_checks_report_what_is_wrong(tmp_path):
                                ("file", "weights", str(tmp_path / "missing.pth")),
                                ("writable", "cache folder", str(tmp_path / "new" / "cache")),
                                ("writable", "cache folder", str(ro / "cache")),
+                               ("writable", "cache folder", "/proc/carclf/cache"),
                                ("marker", "storage path", str(tmp_path / "no-marker"), "t"),
                                ("http", "tracking server", f"http://127.0.0.1:{_free_port()}")])
     finally:
@@ -244,6 +245,7 @@ def test_node_checks_report_what_is_wrong(tmp_path):
     assert str(tmp_path / "new" / "cache") not in text
     if os.geteuid() != 0:  # root writes anywhere
         assert str(ro / "cache") in text
+    assert "cache folder /proc/carclf/cache: is not writable here" in text  # not even root writes there
     assert "not shared with the head node" in text and "unreachable from here" in text
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ def test_scan_reasons_name_the_problem(image_folder):
     reasons = {Path(p).name: r for p, r in _scan(image_folder).corrupt}
     assert "empty" in reasons["empty.jpg"]
     assert "truncated" in reasons["truncated.jpg"].lower()
+    assert not any("BytesIO" in r or "0x" in r for r in reasons.values()), reasons  # no in-memory buffer named
 
 
 @pytest.mark.parametrize("setup", ["missing", "file", "no_classes", "only_bad"])
@@ -90,6 +92,30 @@ def test_scan_result_does_not_depend_on_a_second_scan(image_folder):
     second = _scan(image_folder)  # served from the file index and the warm cache
     pd.testing.assert_frame_equal(first.items, second.items)
     assert first.corrupt == second.corrupt
+
+
+def test_a_file_overwritten_since_the_last_scan_is_read_again_even_with_its_mtime_put_back(image_folder):
+    import os
+
+    first = _scan(image_folder)
+    victim = Path(first.items["path"].iloc[0])
+    st = victim.stat()
+    victim.write_bytes(b"\0" * st.st_size)  # same size ...
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime: the index alone would trust it
+    second = _scan(image_folder)
+    assert str(victim) not in set(second.items["path"]) and str(victim) in {p for p, _ in second.corrupt}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
+def test_a_file_made_unreadable_since_the_last_scan_is_named(image_folder):
+    first = _scan(image_folder)
+    victim = Path(first.items["path"].iloc[0])
+    victim.chmod(0)
+    try:
+        second = _scan(image_folder)
+    finally:
+        victim.chmod(0o644)
+    assert dict(second.corrupt)[str(victim)].startswith("PermissionError")
 
 
 # --------------------------------------------------------------------------- classes
@@ -242,6 +268,32 @@ def test_small_classes_still_reach_every_split():
     assert (manifest.groupby("class")["split"].nunique() == 3).all()
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_class_too_small_to_reach_val_and_test_is_named_in_a_warning(n, caplog):
+    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+        manifest = D.split_items(_items({"tiny": n, "big": 10}), ["big", "tiny"])
+    assert set(manifest.loc[manifest["class"] == "tiny", "split"]) == {"train"}
+    assert f"tiny ({n}: {n} train, 0 val, 0 test)" in caplog.text and "big" not in caplog.text
+    assert "data.min_images to 3" in caplog.text
+
+
+def test_classes_reaching_every_split_give_no_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+        D.split_items(_items({"a": 3, "b": 10}), ["a", "b"])
+    assert "too small" not in caplog.text
+
+
+def test_the_same_image_under_two_classes_is_a_label_conflict_named_and_left_out(caplog):
+    items = _dup_items()
+    assert D.label_conflicts(items) == [["/d/a/7.jpg", "/d/c/5.jpg"]]
+    assert D.label_conflicts(_items({"a": 3, "b": 3})) == []
+    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+        kept = D.drop_label_conflicts(items)
+    assert "label conflict" in caplog.text and "/d/a/7.jpg (a), /d/c/5.jpg (c)" in caplog.text
+    assert len(kept) == len(items) - 2 and not {"/d/a/7.jpg", "/d/c/5.jpg"} & set(kept["path"])
+    assert D.find_duplicates(kept) == [["/d/a/0.jpg", "/d/a/1.jpg"], ["/d/b/2.jpg", "/d/b/3.jpg", "/d/b/4.jpg"]]
+
+
 def test_a_zero_fraction_leaves_that_split_empty():
     manifest = D.split_items(_items({"a": 10, "b": 6}), ["a", "b"], fractions=(0.8, 0.0, 0.2))
     assert set(manifest["split"]) == {"train", "test"}
@@ -372,6 +424,16 @@ def test_cli_stats_and_split(image_folder, tmp_path, capsys):
     manifest = D.load_manifest(manifest_path)
     assert set(manifest["class"]) == {"alpha", "beta", "gamma"}  # rare (2) < default --min-images 5
     _assert_no_leak(manifest)
+
+
+def test_cli_stats_shows_class_and_count_and_escapes_odd_file_names(image_folder, tmp_path, capsys):
+    data = image_folder.root
+    original = next(data.rglob("dup_1.jpg"))
+    (original.parent / "twin\nline.jpg").write_bytes(original.read_bytes())
+    assert cli_main(["data", "stats", str(data), "--figure", str(tmp_path / "f.png"), "--min-images", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["class", "count"]
+    assert "twin\\nline.jpg" in out and "twin\nline" not in out
 
 
 def test_cli_keeps_its_file_index_in_the_chosen_cache_dir(image_folder, tmp_path, capsys):

@@ -106,3 +106,19 @@ def test_predictions_csv_follows_the_umask_and_replaces_atomically(tmp_path):
         os.umask(old)
     assert private == 0o600 and out.stat().st_mode & 0o777 == 0o644  # the umask decides, as for any new file
     assert pd.read_csv(out)["path"].tolist() == ["b.jpg"] and sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]
+
+
+@pytest.mark.parametrize("out", ["/proc/predictions.csv", "/proc/nope/predictions.csv"])
+def test_an_out_file_that_cannot_be_created_is_refused_even_for_root(out):
+    from carclf.errors import DataError
+    from carclf.predict import check_writable
+
+    with pytest.raises(DataError, match=f"cannot write --out {out}"):
+        check_writable(out)
+
+
+def test_a_writable_out_is_accepted_and_nothing_is_left_behind(tmp_path):
+    from carclf.predict import check_writable
+
+    assert check_writable(tmp_path / "new" / "p.csv") == tmp_path / "new" / "p.csv"
+    assert list(tmp_path.iterdir()) == []

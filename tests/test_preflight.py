@@ -98,6 +98,13 @@ def test_one_class_data_is_refused_naming_the_folder_and_the_classes_found(tmp_p
     assert "keeps 1 (only)" in msg and "few (2), only (8)" in msg and "data.min_images (3)" in msg
 
 
+def test_a_data_path_that_is_a_file_is_refused_naming_it(tmp_path):
+    data = tmp_path / "cars.zip"
+    data.write_bytes(b"PK")
+    with pytest.raises(SweepError, match=f"data.path {data} is a file"):
+        preflight(_spec(data))
+
+
 def test_run_sweep_runs_the_preflight_before_anything_is_written(tmp_path, monkeypatch):
     from sweeps import runner
 

@@ -154,20 +154,41 @@ def test_problems_name_an_interrupted_sweep_failed_and_unretested_models_and_ear
     assert _remarks(sample_info(tmp_path), trials[trials["status"] != "STOPPED_EARLY"]) == []
 
 
-def test_report_on_a_sweep_without_finished_trials_says_so(tmp_path, monkeypatch):
+def _one_trial_sweep(tmp_path, monkeypatch, name: str):
+    """(client, experiment id, trial run id) of a sweep recorded with one svm trial run, still open."""
     from mlflow.tracking import MlflowClient
 
-    from carclf.report.build import build_report
     from tiny_sweep import write_sweep_json
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
     client = MlflowClient(uri)
     exp = client.create_experiment("carclf", artifact_location=(tmp_path / "art").as_uri())
-    parent = client.create_run(exp, tags={"carclf.role": "sweep", "carclf.sweep": "empty"}).info.run_id
-    failed = client.create_run(exp, tags={"carclf.role": "trial", "carclf.sweep": "empty", "mlflow.parentRunId": parent,
-                                          "carclf.trial_id": "t0", "carclf.model": "svm"}).info.run_id
+    parent = client.create_run(exp, tags={"carclf.role": "sweep", "carclf.sweep": name}).info.run_id
+    trial = client.create_run(exp, tags={"carclf.role": "trial", "carclf.sweep": name, "mlflow.parentRunId": parent,
+                                         "carclf.trial_id": "t0", "carclf.model": "svm"}).info.run_id
+    write_sweep_json(tmp_path, name, parent, uri)
+    return client, exp, trial
+
+
+def test_report_on_a_sweep_without_finished_trials_says_so(tmp_path, monkeypatch):
+    from carclf.report.build import build_report
+
+    client, _, failed = _one_trial_sweep(tmp_path, monkeypatch, "empty")
     client.set_terminated(failed, "FAILED")
-    write_sweep_json(tmp_path, "empty", parent, uri)
     with pytest.raises(SweepError, match=r"sweep 'empty': no finished trial with val_f1_macro \(1 trial runs found\)"):
         build_report("empty", seeds=1)
+
+
+@pytest.mark.parametrize("out", ["/proc/carclf_report", "/proc/version"])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_retest(tmp_path, monkeypatch, out):
+    from carclf.errors import DataError
+    from carclf.report.build import build_report
+
+    client, exp, trial = _one_trial_sweep(tmp_path, monkeypatch, "one")
+    client.log_metric(trial, "val_f1_macro", 0.5)
+    client.set_terminated(trial, "FINISHED")
+    with pytest.raises(DataError, match=f"cannot write --out {out}"):
+        build_report("one", seeds=1, out=out)
+    roles = [r.data.tags.get("carclf.role") for r in client.search_runs([exp])]
+    assert sorted(roles) == ["sweep", "trial"]  # no report run was started

@@ -260,11 +260,32 @@ def test_an_svm_whose_skops_file_names_an_untrusted_type_is_refused_without_buil
     assert not marker.exists() and "carclf_test_gadget" not in sys.modules
 
 
+def _edit_spec(folder: Path, **change) -> None:
+    import json
+
+    path = folder / "artifacts" / "spec.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+
+def test_pickled_weights_are_refused_in_one_line_and_never_unpickled(store, tracking_uri, photo_dir, tmp_path,
+                                                                      capsys):
+    marker = tmp_path / "payload_ran"
+    folder = _copy(store, "network", tmp_path / "model")
+    torch.save({"fc.weight": _WriteMarker(marker)}, folder / "artifacts" / "weights.pt")  # a zip, as torch writes
+    err = _refused_by_predict(_publish(folder), photo_dir, tracking_uri, capsys)
+    [line] = [ln for ln in err.splitlines() if "refusing model" in ln]
+    assert "weights.pt is not a plain state_dict: torch refused it (UnpicklingError: Unsupported global" in line
+    assert "Traceback" not in err and "weights_only" not in err and not marker.exists()
+
+
 @pytest.mark.parametrize("tamper, why", [
     (lambda f: (f / "code" / "helpers.py").write_text("x = 1\n"), "files carclf never writes: code/helpers.py"),
     (lambda f: (f / "requirements.txt").write_text("--index-url https://example.org/simple\ntorch\n"),
      "requirements.txt holds '--index-url"),
     (lambda f: (f / "artifacts" / "weights.pt").write_bytes(pickle.dumps({"w": 1})), "not a torch state_dict"),
+    (lambda f: torch.save({"w": [1, 2]}, f / "artifacts" / "weights.pt"), "holds dict, not a state_dict of tensors"),
+    (lambda f: _edit_spec(f, kwargs={"weights": "DEFAULT"}), "constructor arguments carclf never writes: weights"),
+    (lambda f: _edit_spec(f, kwargs=[1]), "kwargs are not a mapping"),
     (lambda f: _edit_mlmodel(f, lambda m: m["flavors"]["python_function"].update(model_config={"a": 1})),
      "settings carclf never writes: model_config"),
     (lambda f: _edit_mlmodel(f, lambda m: m["flavors"]["python_function"].update(code="artifacts")),

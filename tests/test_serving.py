@@ -15,6 +15,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -149,3 +150,29 @@ def test_served_model_answers_posted_photos_with_class_names(sweeps, uri, tmp_pa
     assert split[1]["class"] is None and "cannot identify image file" in split[1]["error"]
     assert all(row["class"] in rep.classes and row["error"] == "" for row in split[2:])  # a real photo
     assert records[0]["class"] == split[0]["class"] and len(records[0]["top_classes"]) == 3  # default top_k
+
+
+@pytest.mark.parametrize("top_k", [-5, 0, "x", 2.5, None, [1]])
+def test_a_bad_top_k_is_mlflows_invalid_parameter_error_in_one_line(top_k):
+    from mlflow.exceptions import MlflowException
+
+    from carclf.pyfunc_model import CarClassifierModel
+
+    model = CarClassifierModel()
+    model.classifier = None  # never reached: the parameter is checked first
+    with pytest.raises(MlflowException) as err:
+        model.predict(None, pd.DataFrame({"image": [b""]}), params={"top_k": top_k})
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE" and err.value.get_http_status_code() == 400
+    assert err.value.message.startswith("params.top_k must be a whole number of at least 1")
+    assert "\n" not in err.value.message and err.value.json_kwargs.get("stack_trace") is None
+
+
+def test_a_whole_top_k_reaches_the_classifier():
+    from carclf.pyfunc_model import CarClassifierModel
+
+    seen = []
+    model = CarClassifierModel()
+    model.classifier = type("Stub", (), {"predict": lambda self, frame, top_k: seen.append(top_k)})()
+    model.predict(None, pd.DataFrame({"image": [b""]}), params={"top_k": "2"})
+    model.predict(None, pd.DataFrame({"image": [b""]}), params=None)
+    assert seen == [2, 3]

@@ -93,6 +93,36 @@ def test_a_claimed_name_refuses_a_second_driver_and_is_free_again_after(sweep_fi
         _plan(sweep_file)
 
 
+def test_a_missing_path_names_each_folder_looked_in_once(sweep_file, tmp_path):
+    sweep_file.write_text(yaml.safe_dump({"base": {"data": {"path": "nowhere", "image_size": 32}},
+                                          "models": {"svm": {"space": {"kernel": "linear"}}}}))
+    with pytest.raises(SweepError) as err:
+        _plan(sweep_file)  # the working directory is the project root here
+    assert str(err.value).endswith(f"nowhere does not exist (looked in {tmp_path})")
+
+
+def test_resume_while_the_first_driver_is_still_starting_says_it_is_running(sweep_file, tmp_path):
+    from sweeps.driver import claim_sweep
+
+    with claim_sweep(_plan(sweep_file)):  # claimed, sweep.json not yet written
+        with pytest.raises(SweepError, match="sweep 'quick' is running right now"):
+            _plan(sweep_file, resume=True)
+    with pytest.raises(SweepError, match="cannot resume.*sweep.json is missing"):
+        _plan(sweep_file, resume=True)  # nobody holds it: the state is simply missing
+
+
+@pytest.mark.parametrize("storage", ["/proc/nope", "/proc/version"])
+def test_a_storage_path_that_cannot_be_written_is_refused_before_anything_starts(sweep_file, tmp_path, storage):
+    with pytest.raises(SweepError, match=f"--storage-path.*{storage}"):
+        _plan(sweep_file, storage_path=storage)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_writable_storage_path_is_taken_as_an_absolute_folder(sweep_file, tmp_path):
+    plan = _plan(sweep_file, storage_path="ray_store/new")
+    assert plan.storage == str(tmp_path / "ray_store" / "new") and not (tmp_path / "ray_store").exists()
+
+
 def test_a_sweep_refused_before_it_recorded_anything_leaves_no_folder(sweep_file, tmp_path):
     from sweeps.driver import claim_sweep
 

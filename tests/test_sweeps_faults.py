@@ -465,6 +465,65 @@ def test_the_watchdog_restarts_a_dead_server_or_gives_up_and_says_why(restart_fa
         assert watch.restarts == 1 and server.up and lost == [] and watch.lost is None
 
 
+@pytest.mark.parametrize("fault, expected, store_lost", [
+    ("deleted", "was deleted", True),
+    ("replaced", "was replaced by another file", True),
+    ("damaged", "is damaged (its first bytes are no longer an SQLite header)", True),
+    ("disk full", "is full (", False),
+])
+def test_the_watchdog_stops_the_sweep_when_its_store_goes_away(fault, expected, store_lost, tmp_path, monkeypatch):
+    import sqlite3
+
+    from sweeps import watchdog
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE runs (id TEXT)")
+    server, lost = _FakeServer(restart_fails=False), []
+    server.backend_store_uri = f"sqlite:///{db}"
+    with watchdog.watch_server(server, lost.append, interval_s=0.05) as watch:
+        time.sleep(0.2)
+        assert lost == [] and watch.lost is None  # a healthy store is left alone
+        if fault == "deleted":
+            db.unlink()
+        elif fault == "replaced":
+            db.rename(tmp_path / "old.db")
+            (tmp_path / "old.db").rename(tmp_path / "again.db")
+            db.write_bytes((tmp_path / "again.db").read_bytes())
+        elif fault == "damaged":
+            with open(db, "r+b") as f:
+                f.write(b"\0" * 100)
+        else:
+            monkeypatch.setattr(watchdog, "MIN_FREE_MB", float("inf"))
+        started = time.monotonic()
+        while time.monotonic() - started < 5 and not lost:
+            time.sleep(0.05)
+    assert lost == [watch.lost] and expected in watch.lost and str(db) in watch.lost
+    assert watch.store_lost is store_lost and server.restarts == 0  # a restart cannot bring a store back
+
+
+def test_a_lost_store_ends_the_sweep_with_the_cause_and_the_resume_line_and_is_not_made_again(tmp_path):
+    from types import SimpleNamespace
+
+    from carclf.errors import SweepError
+    from sweeps import runner
+    from sweeps.watchdog import ServerWatch, TrackingEndpoint
+
+    db = tmp_path / "mlflow.db"
+    watch = ServerWatch(_FakeServer(restart_fails=False), lost=f"the sweep's tracking store cannot be used: its "
+                                                               f"store {db} was deleted", store_lost=True)
+    endpoint = TrackingEndpoint("http://127.0.0.1:5999", watch)
+    plan = SimpleNamespace(name="quick", spec_path="sweeps/quick.yaml", uri=f"sqlite:///{db}")
+    for step in (runner._stop_if_store_lost, runner._bookkeeping):
+        with pytest.raises(SweepError) as err:
+            step(plan, endpoint) if step is runner._stop_if_store_lost else step(endpoint, plan)
+        assert f"store {db} was deleted" in str(err.value)
+        assert str(err.value).endswith("continue with: carclf sweep sweeps/quick.yaml --name quick --resume")
+    assert not db.exists()
+    watch.store_lost = False  # a disk nearly full: the runs are still closed through the store
+    assert runner._bookkeeping(endpoint, plan) is not None
+
+
 def test_mlflow_http_retries_are_bounded_where_trials_run(monkeypatch):
     from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
                                               MLFLOW_HTTP_REQUEST_TIMEOUT)

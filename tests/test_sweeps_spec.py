@@ -126,6 +126,40 @@ def test_missing_sweep_file_is_named(tmp_path):
         load_sweep_spec(tmp_path / "nope.yaml")
 
 
+def _alias_bomb(levels: int) -> str:
+    """A YAML list whose aliases expand to 9**levels values while the text stays a few hundred characters."""
+    anchors = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    anchors += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "[" + ", ".join(anchors) + "]"
+
+
+def test_an_alias_bomb_is_refused_quickly_naming_the_file(tmp_path):
+    import time
+
+    text = yaml.safe_dump(_minimal(), sort_keys=False) + f"num_samples: {_alias_bomb(9)}\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"bomb.yaml expands to more than") as err:
+        load_sweep_spec(path)
+    assert time.monotonic() - start < 5 and len(str(err.value)) < 500
+
+
+def test_a_large_wrong_value_is_shown_shortened(tmp_path):
+    path = tmp_path / "nested.yaml"
+    path.write_text(yaml.safe_dump(_minimal(), sort_keys=False) + f"num_samples: {_alias_bomb(3)}\n")
+    with pytest.raises(ConfigError, match="num_samples: Input should be a valid integer") as err:
+        load_sweep_spec(path)
+    assert len(str(err.value)) < 300 and "..." in str(err.value)
+
+
+def test_an_alias_bomb_in_a_set_override_is_refused():
+    from carclf.config import parse_overrides
+
+    with pytest.raises(ConfigError, match="--set data.classes expands to more than"):
+        parse_overrides([f"data.classes={_alias_bomb(9)}"])
+
+
 class _Trial:
     """The part of optuna.Trial a define-by-run space uses, drawing from a seeded generator."""
 

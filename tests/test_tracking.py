@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -208,6 +209,7 @@ def test_cli_ui_runs_mlflow_ui_on_loopback_with_an_absolute_uri(tmp_path, monkey
 def test_cli_ui_keeps_a_database_password_off_the_screen_and_the_command_line(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(tracking.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(tracking, "_check_database_driver", lambda uri: None)  # as if psycopg were installed
     args = type("Args", (), {"backend_store_uri": "postgresql://mlflow:secret@db:5432/mlflow", "port": 5055})()
     assert tracking.cli_ui(args) == 0
     cmd, env = calls[0]
@@ -264,3 +266,41 @@ def test_processes_that_first_touch_a_new_sqlite_store_at_once_all_get_the_same_
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outs]
     assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None, reason="psycopg is installed here")
+def test_a_postgres_uri_without_its_driver_names_the_extra_before_anything_starts():
+    from carclf.errors import TrackingError
+    from carclf.tracking import resolve_tracking_uri
+
+    with pytest.raises(TrackingError) as err:
+        resolve_tracking_uri("postgresql://me:secret@db.example/mlflow")
+    msg = str(err.value)
+    assert "needs the database driver 'psycopg'" in msg and "pip install 'carclf[postgres]'" in msg
+    assert "secret" not in msg
+
+
+def test_a_database_uri_sqlalchemy_cannot_read_is_named():
+    from carclf.errors import TrackingError
+    from carclf.tracking import resolve_tracking_uri
+
+    with pytest.raises(TrackingError, match="is not a database URL SQLAlchemy understands"):
+        resolve_tracking_uri("postgresql+nosuchdriver://db.example/mlflow")
+
+
+def test_a_damaged_sqlite_store_is_named_before_mlflow_touches_it(tmp_path):
+    import sqlite3
+
+    from carclf.errors import TrackingError
+    from carclf.tracking import resolve_tracking_uri
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE runs (id TEXT)")
+    assert resolve_tracking_uri(f"sqlite:///{db}") == f"sqlite:///{db}"  # a sound store passes
+    with open(db, "r+b") as f:
+        f.write(b"garbage" * 20)  # its first page overwritten
+    before = db.read_bytes()
+    with pytest.raises(TrackingError, match=f"tracking store {db} is not a readable SQLite database"):
+        resolve_tracking_uri(f"sqlite:///{db}")
+    assert db.read_bytes() == before  # read only

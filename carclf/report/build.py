@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from carclf.errors import SweepError
+from carclf.errors import DataError, SweepError
 from carclf.report.analysis import analysis_section, load_analysis
 from carclf.report.backbones import backbone_ranking, backbone_section
 from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
@@ -158,6 +158,7 @@ def build_report(sweep: str | Path, *, seeds: int = 3, out: str | Path | None = 
         raise SweepError(f"sweep {info.name!r}: no finished trial with {info.metric} "
                          f"({len(trials)} trial runs found); nothing to report")
     out_dir = Path(out).expanduser().resolve() if out else info.report_dir
+    _check_out_dir(out_dir, given=out is not None)
     report_run_id = _start_report_run(client, info, seeds)
     try:
         result = _report_body(client, info, trials, best, report_run_id, seeds, out_dir, n_boot, progress)
@@ -167,6 +168,16 @@ def build_report(sweep: str | Path, *, seeds: int = 3, out: str | Path | None = 
         raise
     client.set_terminated(report_run_id, status="FINISHED")
     return result
+
+
+def _check_out_dir(out_dir: Path, *, given: bool) -> None:
+    """The report's folder can be written, checked before any retest (by making a file there, as root may not)."""
+    from carclf.cache import check_can_create
+
+    what, hint = ("--out", "pick another --out") if given else ("the report folder", "pass --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"cannot write {what} {out_dir}: it is a file; the report needs a folder ({hint})")
+    check_can_create(out_dir / "report.html", what, hint)
 
 
 def _check_trials_share_test_split(client, chosen: pd.DataFrame) -> None:
