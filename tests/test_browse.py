@@ -84,10 +84,13 @@ def test_carclf_ui_prints_the_model_training_link_and_one_per_sweep(tracked, tmp
     parent = client.create_run(exp).info.run_id
     write_sweep_json(tmp_path, "quick", parent, tracked)
     write_sweep_json(tmp_path, "elsewhere", parent, "sqlite:////other/mlflow.db")  # another store: not listed
-    monkeypatch.setattr(tracking.subprocess, "call", lambda cmd, env: 0)
-    tracking.cli_ui(type("Args", (), {"backend_store_uri": tracked, "port": 5055})())
-    out = capsys.readouterr().out
-    assert "http://127.0.0.1:5055/#/experiments?workflowType=machine_learning" in out
-    assert (f"sweep quick: http://127.0.0.1:5055/#/experiments/{exp}/runs?viewStateShareKey=carclf-sweep-quick"
+    from test_tracking import _FakeServer, _fake_ui, _free_port
+
+    _fake_ui(monkeypatch, capsys)
+    port = _free_port()
+    tracking.cli_ui(type("Args", (), {"backend_store_uri": tracked, "port": port})())
+    out = _FakeServer.last.printed_before_start + capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning" in out
+    assert (f"sweep quick: http://127.0.0.1:{port}/#/experiments/{exp}/runs?viewStateShareKey=carclf-sweep-quick"
             "&workflowType=machine_learning") in out
     assert "elsewhere" not in out
