@@ -29,7 +29,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from carclf import paths
-from carclf.cache import exclusive_lock
 from carclf.config import RunConfig, flatten
 from carclf.errors import TrackingError
 from carclf.redact import redact, strip_credentials
@@ -106,6 +105,8 @@ def ensure_experiment(name: str, uri: str | None = None, *, created_by: str = "c
     key = (uri, name)
     if key in _experiment_ids:
         return _experiment_ids[key]
+    from carclf.cache import exclusive_lock  # here, not at import: carclf.cache brings torch (`carclf ui` needs none)
+
     db = sqlite_path(uri)
     # A new sqlite store is created and migrated by the first access: two processes doing it at once (two sweeps
     # started together) collide in MLflow's migrations, so the first access is taken one process at a time.
