@@ -272,7 +272,7 @@ def _readable(axes, title: str, family: str, width: float | None = None, names: 
     dots with an edge; a colour bar of trial numbers with whole-number ticks. `names`: the whole axis names of
     a parallel-coordinate plot (Optuna cuts them at 20 characters). Returns the Figure."""
     from matplotlib.colors import ListedColormap
-    from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator, NullFormatter
+    from matplotlib.ticker import MaxNLocator
 
     import matplotlib.pyplot as plt
 
@@ -293,8 +293,7 @@ def _readable(axes, title: str, family: str, width: float | None = None, names: 
         ax.grid(True, color="0.88", linewidth=0.6)
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "log":
-                axis.set_major_formatter(LogFormatterSciNotation())
-                axis.set_minor_formatter(NullFormatter())
+                _log_ticks(axis)
             axis.label.set_text(axis.label.get_text().removeprefix(prefix))
         if names and len(ax.get_xticks()) == len(names) and ax is np.ravel(axes)[0]:
             ax.set_xticks(ax.get_xticks(), [n.removeprefix(prefix) for n in names], rotation=20, ha="right")
@@ -304,6 +303,18 @@ def _readable(axes, title: str, family: str, width: float | None = None, names: 
             if type(collection).__name__ == "PathCollection":
                 collection.set_edgecolor("0.3")
     return fig
+
+
+def _log_ticks(axis) -> None:
+    """A log axis labelled in plain numbers at 1, 2 and 5 times each power of ten when it spans two decades or
+    less (at the powers alone when wider), its other ticks unlabelled: a few readable labels, never a row of them."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = sorted(v for v in axis.get_view_interval())
+    decades = np.log10(high / low) if low > 0 else np.inf
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _pareto(trials: list[SweepTrial], objectives: list[tuple[str, str]]) -> tuple[pd.DataFrame | None, bytes | None]:
