@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import time
+from typing import Sequence
 from urllib.parse import urlencode
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ WORKFLOW_PARAM = {"workflowType": "machine_learning"}  # the 3.17 UI's model-tra
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # what `carclf ui` serves by default
 # Tags carclf sets on its runs and shows as runs-table columns.
-FAMILY_TAG, STOPPED_TAG = "carclf.sweep_model", "carclf.stopped_early"
+FAMILY_TAG, STOPPED_TAG, BASELINE_TAG = "carclf.sweep_model", "carclf.stopped_early", "carclf.baseline"
 
 
 def experiment_tags(created_by: str = "carclf") -> dict[str, str]:
@@ -84,20 +85,24 @@ def view_id(sweep: str) -> str:
     return "carclf-sweep-" + re.sub(r"[^A-Za-z0-9_.-]", "_", sweep)
 
 
-def sweep_view_state(sweep: str, metric: str, mode: str) -> dict:
-    """The runs table for a sweep's trials: best first, with the family, the metric and early stops."""
+def sweep_view_state(sweep: str, metric: str, mode: str, params: Sequence[str] = ()) -> dict:
+    """The runs table for a sweep's trials: best first, with the family, the metric, the searched parameters
+    (`params`: RunConfig fields such as 'svm.C'), the default-configuration mark and early stops."""
     metric_column = f"metrics.`{metric}`"
+    tags = [f"tags.`{FAMILY_TAG}`", f"tags.`{BASELINE_TAG}`", f"tags.`{STOPPED_TAG}`"]
+    columns = [tags[0], metric_column, *(f"params.`{p}`" for p in params), *tags[1:]]
+    # tag columns wide enough for their names (the UI cuts a header at its default width)
     return {"searchFilter": f"tags.`carclf.sweep` = '{sweep}' and tags.`carclf.role` = 'trial'",
-            "orderByKey": metric_column, "orderByAsc": mode == "min",
-            "selectedColumns": [f"tags.`{FAMILY_TAG}`", metric_column, f"tags.`{STOPPED_TAG}`"]}
+            "orderByKey": metric_column, "orderByAsc": mode == "min", "selectedColumns": columns,
+            "columnWidths": {c: 40 + 8 * len(c) for c in tags}}
 
 
-def save_sweep_view(client, experiment_id: str, sweep: str, metric: str, mode: str) -> str:
+def save_sweep_view(client, experiment_id: str, sweep: str, metric: str, mode: str, params: Sequence[str] = ()) -> str:
     """Write (or update) the sweep's saved view; returns its id. Never raises: a view is a convenience."""
     vid = view_id(sweep)
     now = int(time.time() * 1000)
     envelope = {"name": f"sweep {sweep}: trials by {metric}", "createdAt": now, "updatedAt": now,
-                "state": json.dumps(sweep_view_state(sweep, metric, mode))}
+                "state": json.dumps(sweep_view_state(sweep, metric, mode, params))}
     try:
         client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + vid, json.dumps(envelope))
     except Exception as e:  # noqa: BLE001 - the sweep goes on without its view

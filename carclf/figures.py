@@ -124,17 +124,19 @@ def training_curves_figure(history: Sequence[Mapping[str, float]], title: str = 
         # scores in [0, 1]; other numbers (learning rate, seconds) have other scales and stay out
         "score": [c for c in numeric if c.endswith(("accuracy", "_macro", "_weighted"))],
     }
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = Figure(figsize=(12, 4), layout="constrained")
     fig.suptitle(title)
     for k, (ylabel, columns) in enumerate(panels.items(), start=1):
         ax = fig.add_subplot(1, 2, k)
         for column in columns:
-            ax.plot(epochs, frame[column], marker="o", markersize=3, label=column)
+            # validation dashed, training solid: the gap between them is what a reader looks for
+            ax.plot(epochs, frame[column], marker="o", markersize=3, label=column,
+                    linestyle="--" if column.startswith("val_") else "-")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
-        if columns:
-            ax.legend(fontsize=8)
+        if columns:  # beside the curves, never over them (a network logs a dozen scores)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return fig
 
 
@@ -181,6 +183,8 @@ def optimization_history_figure(history: pd.DataFrame, metric: str, title: str =
         ax.set_ylabel(metric)
         if x == "number":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            ax.set_xlim(left=0)  # the sweep starts at minute 0
         ax.legend(fontsize=8)
     return fig
 
@@ -203,7 +207,9 @@ def pareto_front_figure(points: pd.DataFrame, x: str, y: str, *, marked: Sequenc
         ax.scatter(chosen[x], chosen[y], s=160, facecolors="none", edgecolors="tab:red", linewidths=1.5,
                    label="retested choice")
         for _, r in chosen.iterrows():
-            ax.annotate(str(r["family"]), (r[x], r[y]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+            # labels point inwards, away from the nearest edge, so none runs past the axes
+            ax.annotate(str(r["family"]), (r[x], r[y]), textcoords="offset points", fontsize=8,
+                        **_inward(points, x, y, r), annotation_clip=False)
     values = points[x].to_numpy(dtype=float)
     if len(values) and values.min() > 0 and values.max() / values.min() > 20:
         ax.set_xscale("log")  # latencies of a backbone and of a small CNN differ by decades
@@ -212,6 +218,15 @@ def pareto_front_figure(points: pd.DataFrame, x: str, y: str, *, marked: Sequenc
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
+
+
+def _inward(points: pd.DataFrame, x: str, y: str, row) -> dict:
+    """Offset and alignment of a point's label: towards the middle of the data on both axes."""
+    xs, ys = points[x].astype(float), points[y].astype(float)
+    right = row[x] <= xs.median()
+    up = row[y] <= ys.median()
+    return {"xytext": (6 if right else -6, 6 if up else -6), "ha": "left" if right else "right",
+            "va": "bottom" if up else "top"}
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:

@@ -46,6 +46,48 @@ def load_model(model_uri: str, *, tracking_uri: str | None = None):
     return load_checked_model(model_uri)
 
 
+def resolve_model(model_uri: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
+    """(the URI to load, what it is in words): `models:/NAME@ALIAS` becomes `models:/NAME/VERSION`, so the
+    model predicted with is the version named, even if the alias moves meanwhile."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    use_tracking_uri(tracking_uri)
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", model_uri)
+    try:
+        if match:
+            name, alias, number = match.groups()
+            client = MlflowClient()
+            version = (client.get_model_version_by_alias(name, alias) if alias
+                       else client.get_model_version(name, number))
+            return f"models:/{name}/{version.version}", f"{model_uri} = {name} v{version.version}" + _whose(version.tags)
+        if model_uri.startswith("runs:/"):
+            run = MlflowClient().get_run(model_uri[len("runs:/"):].split("/")[0])
+            tags = run.data.tags
+            return model_uri, model_uri + _whose({"carclf.family": tags.get("carclf.sweep_model", ""),
+                                                  "carclf.sweep": tags.get("carclf.sweep", "")})
+    except MlflowException as e:  # the loader says the same with the URI; here only the description is lost
+        from carclf.redact import redact
+
+        return model_uri, f"{redact(model_uri)} (not found in the registry: {redact(e.message)})"
+    return model_uri, model_uri
+
+
+def _whose(tags: dict) -> str:
+    """' (family F of sweep S, trial T; test f1_macro X for this version)', from a version's carclf tags."""
+    family, sweep = tags.get("carclf.family") or tags.get("carclf.model"), tags.get("carclf.sweep")
+    if not family:
+        return ""
+    parts = [f"family {family}" + (f" of sweep {sweep}" if sweep else "")]
+    if tags.get("carclf.trial_id"):
+        parts.append(f"trial {tags['carclf.trial_id']}")
+    if tags.get("carclf.test_f1_macro"):
+        parts.append(f"test f1_macro {float(tags['carclf.test_f1_macro']):.4f} for this version")
+    return f" ({', '.join(parts)})"
+
+
 def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Image files to predict (folders walked, sorted, hidden entries and non-images skipped) and
     (path, reason) for inputs that do not exist."""
@@ -147,15 +189,26 @@ def format_row(row: pd.Series, k: int) -> str:
     return f"{row['path']}: " + ", ".join(shown)
 
 
+def summary_line(df: pd.DataFrame) -> str:
+    """'N images: E errors; predicted: CLASS n, ...' (most frequent first)."""
+    failed = df["error"].fillna("") != ""
+    counts = df.loc[~failed, "class_1"].value_counts() if "class_1" in df else pd.Series(dtype=int)
+    shown = ", ".join(f"{name} {n}" for name, n in counts.items()) or "none"
+    return f"{len(df)} images: {int(failed.sum())} errors; predicted: {shown}"
+
+
 def cli_predict(args) -> int:
     if args.out:
         check_writable(args.out)  # before any work: an unwritable --out is found at once
-    df = predict_paths(args.model_uri, args.paths, top_k=args.top_k, tracking_uri=getattr(args, "tracking_uri", None))
-    for _, row in df.iterrows():
-        print(format_row(row, args.top_k))
-    if args.out:
+    tracking_uri = getattr(args, "tracking_uri", None)
+    uri, what = resolve_model(args.model_uri, tracking_uri=tracking_uri)
+    print(f"model: {what}", flush=True)
+    df = predict_paths(uri, args.paths, top_k=args.top_k, tracking_uri=tracking_uri)
+    failed = df["error"].fillna("") != ""
+    if args.out:  # the file holds every line, errors included; the terminal gets the summary
         print(f"predictions written to {write_csv(df, args.out)}")
-    failed = int((df["error"].fillna("") != "").sum())
-    if failed:
-        print(f"{failed} of {len(df)} inputs could not be predicted")
-    return 1 if failed == len(df) else 0
+    else:
+        for _, row in df.iterrows():
+            print(format_row(row, args.top_k))
+    print(summary_line(df))
+    return 1 if failed.all() else 0

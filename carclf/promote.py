@@ -89,12 +89,17 @@ def representative_runs(client, report_run, model: str | None = None) -> list:
 
 
 def version_tags(info: SweepInfo, run, report_run, client) -> dict[str, str]:
-    """Tags for a registered version: where it came from and its test figures on which split."""
+    """Tags for a registered version: where it came from (sweep, family, trial, the retest's seed), its own
+    test figures on which split, and the report's means over seeds of the same figures (`..._seed_mean`)."""
     model = family_of(run.data.tags)
+    trial_run_id = run.data.tags.get(SOURCE_TRIAL_TAG, "")
     tags = {f"{TAG_PREFIX}sweep": info.name, f"{TAG_PREFIX}family": model,
             f"{TAG_PREFIX}model": run.data.tags.get(MODEL_TAG, model),
             f"{TAG_PREFIX}report_run_id": report_run.info.run_id,
-            f"{TAG_PREFIX}trial_run_id": run.data.tags.get(SOURCE_TRIAL_TAG, ""),
+            f"{TAG_PREFIX}trial_run_id": trial_run_id,
+            f"{TAG_PREFIX}trial_id": _trial_id(client, trial_run_id),
+            f"{TAG_PREFIX}retest_seed": run.data.params.get("seed", ""),
+            f"{TAG_PREFIX}retest_seeds": run.data.tags.get(RETEST_SEEDS_TAG) or report_run.data.params.get("seeds", ""),
             f"{TAG_PREFIX}test_manifest_hash": run.data.tags.get(TEST_HASH_TAG, ""),
             f"{TAG_PREFIX}selection_metric": info.metric,
             f"{TAG_PREFIX}configuration": chosen_configuration(trial_config(client, run.info.run_id))}
@@ -107,17 +112,48 @@ def version_tags(info: SweepInfo, run, report_run, client) -> dict[str, str]:
     return tags
 
 
+def _trial_id(client, trial_run_id: str) -> str:
+    """The sweep's name for the trial (its Tune trial id), from the trial's run; '' if that run is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(trial_run_id).data.tags.get("carclf.trial_id", "") if trial_run_id else ""
+    except MlflowException:
+        return ""
+
+
+def version_description(tags: dict[str, str]) -> str:
+    """The version's description on the registry page: whose model it is and which figure is whose."""
+    t = {k[len(TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
+
+    def figures(suffix: str) -> str:
+        shown = [f"{key[len('test_'):]} {float(t[key + suffix]):.4f}" for key in VERSION_METRICS
+                 if key.startswith("test_") and t.get(key + suffix)]
+        return ", ".join(shown) or "none"
+
+    trial = f"trial {t['trial_id']} (run {t['trial_run_id']})" if t.get("trial_id") else f"trial run {t['trial_run_id']}"
+    seeds = t.get("retest_seeds") or "?"
+    mean = (f" The report's mean over its {seeds} seeds: {figures('_seed_mean')}." if seeds != "1"
+            else " Retested once (no seed changes its training): the report's figures are this model's.")
+    return (f"Family {t['family']} of sweep {t['sweep']}, {trial}: its configuration, chosen by "
+            f"{t['selection_metric']} on the validation split ({t['configuration']}). This version is the report's "
+            f"retest with seed {t.get('retest_seed') or '?'} (report run {t['report_run_id']}); its own test figures: "
+            f"{figures('')}.{mean}")
+
+
 def register(client, uri: str, run, tags: dict[str, str], name: str | None = None):
     """The registry version for the run's model under `name` (default: its family's registered model):
     reused if this run is registered there already, else new. `uri` is the registry's store (the client's)."""
     name = name or registered_name(family_of(run.data.tags))
     existing = [v for v in _versions(client, name) if v.run_id == run.info.run_id]
     if existing:
+        if not existing[0].description:  # registered before versions carried one
+            client.update_model_version(name, existing[0].version, description=version_description(tags))
         return existing[0], False
     _ensure_registered_model(client, name)
     source = logged_model_uri(client, run.info.run_id)
     version = client.create_model_version(name, source, run_id=run.info.run_id, tags=tags,
-                                          model_id=source[len("models:/"):])
+                                          model_id=source[len("models:/"):], description=version_description(tags))
     return client.get_model_version(name, version.version), True
 
 
@@ -174,15 +210,18 @@ class PromoteOutcome:
     seed_mean: float | None = None  # the report's mean of the same figure over its seeds
     seeds: int | None = None
     family: str | None = None  # for carclf-best: the winning family
+    seed: str = ""  # the retest's seed: this version's
+    warning: str = ""  # e.g. its test accuracy does not beat the majority-class rate of the test split
 
     def line(self, metric: str) -> str:
-        mean = (f"; mean over {self.seeds} seeds in the report {_show(self.seed_mean)}"
+        mean = (f"; the report's mean over {self.seeds} seeds {_show(self.seed_mean)}"
                 if self.seed_mean is not None and not math.isnan(self.seed_mean) and self.seeds != 1 else "")
+        whose = f"this version, the retest with seed {self.seed}" if self.seed else "this version"
         what = f" = the report's winner, {self.family}" if self.family else ""
         old = (f"{self.alias} was v{self.old_version} ({metric} {_show(self.old_value)})"
                if self.old_version else f"no {self.alias} yet")
-        verb = "alias moved" if self.moved else "alias kept"
-        return (f"{self.name} v{self.version}{what}: {metric} {_show(self.new_value)} (this model{mean}); "
+        verb = f"@{self.alias} moved here" if self.moved else f"@{self.alias} kept"
+        return (f"{self.name} v{self.version}{what}: {metric} {_show(self.new_value)} ({whose}{mean}); "
                 f"{old}: {verb} ({self.reason})")
 
 
@@ -234,13 +273,49 @@ def promote(sweep: str, *, model: str | None = None, alias: str = "champion", fo
     metric, mode = comparison(info, metric)
     report_run = latest_report_run(client, info)
     best = report_winner(report_run, info)
+    runs = ranked(representative_runs(client, report_run, model), report_run, info, best)
+    rate = test_majority_rate(client, runs[0])
     outcomes = []
-    for run in representative_runs(client, report_run, model):
+    for run in runs:
         tags = version_tags(info, run, report_run, client)
-        for name in (None, BEST_MODEL) if family_of(run.data.tags) == best else (None,):
-            outcomes.append(_promote_one(client, uri, run, tags, name, alias=alias, force=force, metric=metric,
-                                         mode=mode, report_run=report_run))
+        warning = _chance_warning(run, rate)
+        for name in (BEST_MODEL, None) if family_of(run.data.tags) == best else (None,):
+            outcome = _promote_one(client, uri, run, tags, name, alias=alias, force=force, metric=metric, mode=mode,
+                                   report_run=report_run)
+            outcome.warning = warning
+            outcomes.append(outcome)
     return outcomes
+
+
+def ranked(runs: list, report_run, info: SweepInfo, best: str | None) -> list:
+    """The report's winner first, then the other families by the report's ranking (mean over seeds)."""
+    from carclf.report import ranking_metric
+
+    sign = -1.0 if info.mode == "max" else 1.0
+
+    def key(run):
+        family = family_of(run.data.tags)
+        mean = report_run.data.metrics.get(f"{family}.test_{ranking_metric(info.metric)}", math.nan)
+        return family != best, math.isnan(mean), sign * mean if not math.isnan(mean) else 0.0, family
+
+    return sorted(runs, key=key)
+
+
+def test_majority_rate(client, run):
+    """The majority-class rate of the test split the run (and every retest of its report) was tested on."""
+    from carclf.report import run_manifest
+    from carclf.report.chance import majority_from_labels
+
+    manifest = run_manifest(client, run.info.run_id)
+    return majority_from_labels(manifest.loc[manifest["split"] == "test", "class"].tolist())
+
+
+def _chance_warning(run, rate) -> str:
+    from carclf.report.chance import below_majority
+
+    accuracy = run.data.metrics.get("test_accuracy", math.nan)
+    found = below_majority({family_of(run.data.tags): accuracy}, rate, what="test accuracy (this version)")
+    return found[0] if found else ""
 
 
 def _promote_one(client, uri: str, run, tags: dict[str, str], name: str | None, *, alias: str, force: bool,
@@ -262,7 +337,7 @@ def _promote_one(client, uri: str, run, tags: dict[str, str], name: str | None, 
         old_version=str(old.version) if old is not None else None,
         old_value=_tag_float(old, f"{TAG_PREFIX}{metric}") if old is not None else None, reason=reason,
         seed_mean=_tag_float(version, f"{TAG_PREFIX}{metric}_seed_mean"), seeds=int(seeds) if seeds else None,
-        family=family_of(run.data.tags) if name == BEST_MODEL else None)
+        family=family_of(run.data.tags) if name == BEST_MODEL else None, seed=run.data.params.get("seed", ""))
     log.debug(outcome.line(metric))  # `carclf promote` prints it; a library caller gets the outcome
     return outcome
 
@@ -282,6 +357,26 @@ def report_winner(report_run, info: SweepInfo) -> str | None:
     return (max if info.mode == "max" else min)(sorted(means), key=means.get)
 
 
+def summary_lines(outcomes: list[PromoteOutcome], alias: str) -> list[str]:
+    """What promote did, in a few lines: versions registered, where the alias moved, what to load."""
+    new = sum(o.registered_new for o in outcomes)
+    moved = [f"{o.name} v{o.version}" for o in outcomes if o.moved]
+    kept = [o.name for o in outcomes if not o.moved]
+    families = len({o.name for o in outcomes if o.family is None})
+    lines = [f"summary: {len(outcomes)} versions of {families} families ({new} new, {len(outcomes) - new} "
+             f"registered before); @{alias} moved to {', '.join(moved) or 'none'}"
+             + (f"; kept on {', '.join(kept)}" if kept else "")]
+    best = next((o for o in outcomes if o.family), None)
+    if best is not None:
+        holder = best.moved or best.reason == "already the holder"
+        lines.append(f"  models:/{BEST_MODEL}@{alias} = v{best.version}, {best.family}: this report's winner" if holder
+                     else f"  models:/{BEST_MODEL}@{alias} stays v{best.old_version} (an earlier report's winner); "
+                          f"this report's winner, {best.family}, is v{best.version}")
+    warned = sorted({o.warning for o in outcomes if o.warning})
+    lines += [f"warning: {w}" for w in warned]
+    return lines
+
+
 def cli_promote(args) -> int:
     from urllib.parse import urlencode
 
@@ -289,11 +384,13 @@ def cli_promote(args) -> int:
 
     info = resolve_sweep(args.sweep)
     metric, _ = comparison(info, getattr(args, "metric", None))
-    for outcome in promote(args.sweep, model=args.model, alias=args.alias, force=args.force,
-                           metric=getattr(args, "metric", None)):
+    outcomes = promote(args.sweep, model=args.model, alias=args.alias, force=args.force,
+                       metric=getattr(args, "metric", None))
+    for outcome in outcomes:
         print(outcome.line(metric))
-        if outcome.moved:
-            print(f"  load with: models:/{outcome.name}@{outcome.alias}")
+    print()
+    for line in summary_lines(outcomes, args.alias):
+        print(line)
     print(f"{ui_heading(info.tracking_uri)}\n  the registered models: "
           f"{ui_url(info.tracking_uri, '/#/models?' + urlencode(WORKFLOW_PARAM))}")
     return 0

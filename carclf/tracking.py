@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import urllib.error
@@ -30,7 +29,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from carclf import paths
-from carclf.cache import exclusive_lock
 from carclf.config import RunConfig, flatten
 from carclf.errors import TrackingError
 from carclf.redact import redact, strip_credentials
@@ -155,6 +153,8 @@ def ensure_experiment(name: str, uri: str | None = None, *, created_by: str = "c
     key = (uri, name)
     if key in _experiment_ids:
         return _experiment_ids[key]
+    from carclf.cache import exclusive_lock  # here, not at import: carclf.cache brings torch (`carclf ui` needs none)
+
     db = sqlite_path(uri)
     # A new sqlite store is created and migrated by the first access: two processes doing it at once (two sweeps
     # started together) collide in MLflow's migrations, so the first access is taken one process at a time.
@@ -433,22 +433,33 @@ def _log_classifier(artifacts: dict[str, str], input_example: list[bytes], metad
 
 
 def cli_ui(args) -> int:
-    """`carclf ui`: the MLflow UI on the project's database, bound to 127.0.0.1.
+    """`carclf ui`: the MLflow UI on the project's database, bound to 127.0.0.1, until Ctrl+C.
 
-    The store reaches `mlflow ui` through MLFLOW_BACKEND_STORE_URI rather than its command line,
-    which every user of the machine can read (`ps`), so a database password stays private.
+    The port is checked before anything starts; the links are printed once the server answers. The
+    server is carclf's `TrackingServer`: one web worker and no job runner (MLflow's GenAI jobs), its
+    own output kept off the console unless it fails. The store reaches it through
+    MLFLOW_BACKEND_STORE_URI rather than its command line, which every user of the machine can read.
     """
+    import time
+
     from carclf.browse import WORKFLOW_PARAM, known_sweeps
+    from carclf.server import TrackingServer, free_port, port_in_use
 
     uri = resolve_tracking_uri(args.backend_store_uri)
-    url = f"http://127.0.0.1:{args.port}"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
-    # the model-training workflow: MLflow 3.17's UI opens in its GenAI one otherwise
-    print(f"MLflow UI for {redact(uri)}\n  {url}/#/experiments?{urlencode(WORKFLOW_PARAM)}  (Ctrl+C to stop)")
-    for line in known_sweeps(uri, url):
-        print(f"  sweep {line}")
-    sys.stdout.flush()
+    if port_in_use("127.0.0.1", args.port):
+        raise TrackingError(f"port {args.port} is in use; try --port {free_port()} (or stop what listens there)")
+    print(f"starting the MLflow UI for {redact(uri)} on 127.0.0.1:{args.port} ...", flush=True)
+    server = TrackingServer(uri, port=args.port)
     try:
-        return subprocess.call(cmd, env={**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
+        with server:
+            # the model-training workflow: MLflow 3.17's UI opens in its GenAI one otherwise
+            print(f"MLflow UI: {server.url}/#/experiments?{urlencode(WORKFLOW_PARAM)}  (Ctrl+C stops it)")
+            for line in known_sweeps(uri, server.url):
+                print(f"  sweep {line}")
+            sys.stdout.flush()
+            while server.running:
+                time.sleep(1)
+            tail = server._output_tail()
     except KeyboardInterrupt:
         return 0
+    raise TrackingError(f"the MLflow UI server exited:\n{tail}")

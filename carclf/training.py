@@ -192,6 +192,12 @@ def predict_probs(model: nn.Module, loader: Iterable, device: torch.device, *, a
     return EvalOutput(y_true=y_true, y_pred=probs.argmax(1), probs=probs)
 
 
+def cross_entropy(out: EvalOutput) -> float:
+    """Mean cross-entropy of the true classes (no label smoothing or class weights: the plain validation loss)."""
+    picked = out.probs[np.arange(len(out.y_true)), out.y_true]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
+
+
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *, n_classes: int, amp: bool = False,
              progress: bool = False) -> tuple[dict, EvalOutput]:
     """Classification metrics (see carclf.metrics) and the raw predictions of `model` on `loader`."""
@@ -257,7 +263,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, cfg: Tra
         # the validation pass's time per image: the model's inference cost, measured without a pass of its own
         infer_ms = 1000.0 * (time.perf_counter() - t_val) / max(len(val_out.y_true), 1)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-               **{f"val_{k}": v for k, v in val.items()}, "infer_ms_per_img": infer_ms,
+               "val_loss": cross_entropy(val_out), **{f"val_{k}": v for k, v in val.items()},
+               "infer_ms_per_img": infer_ms,
                "epoch_seconds": time.perf_counter() - t0}
         history.append(row)
         log.info("epoch %d: train_loss %.4f val_f1_macro %.4f", epoch, row["train_loss"], row[SELECTION_METRIC])

@@ -209,11 +209,10 @@ def _importance(study, n_done: int) -> tuple[pd.DataFrame, str | None]:
     return table, ("; ".join(said) or None)
 
 
-def _png(axes) -> bytes:
-    """An Optuna matplotlib plot (Axes or an array of them) as PNG bytes; its pyplot figure is closed."""
+def _png(fig) -> bytes:
+    """A figure as PNG bytes; its pyplot figure (Optuna's plots go through pyplot) is closed."""
     import matplotlib.pyplot as plt
 
-    fig = np.ravel(axes)[0].figure
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -221,18 +220,27 @@ def _png(axes) -> bytes:
 
 
 def _figures(study, metric: str, family: FamilyAnalysis) -> dict[str, bytes]:
+    from carclf.report.render import figure_png
+
+    figures = family_figures(study, metric, family)
+    history = figures.pop("history")
+    return {"history": figure_png(history), **{k: _png(fig) for k, fig in figures.items()}}
+
+
+def family_figures(study, metric: str, family: FamilyAnalysis) -> dict[str, Any]:
+    """The family's matplotlib Figures: history (carclf's), importance, parallel coordinates and slices (Optuna's,
+    made readable by `_readable`)."""
     import matplotlib
 
     from carclf.figures import optimization_history_figure
-    from carclf.report.render import figure_png
 
     matplotlib.use("Agg")  # Optuna's plots go through pyplot: never a window, also where a display exists
     import matplotlib.pyplot as plt
     from optuna.distributions import CategoricalDistribution
     from optuna.visualization import matplotlib as plots
 
-    figures = {"history": figure_png(optimization_history_figure(
-        family.history, metric, title=f"{family.family}: {metric} per trial and best so far"))}
+    figures = {"history": optimization_history_figure(
+        family.history, metric, title=f"{family.family}: {metric} per trial and best so far")}
     params = sorted({n for t in study.trials for n in t.distributions})
     numeric = sorted({n for t in study.trials for n, d in t.distributions.items()
                       if not isinstance(d, CategoricalDistribution)})
@@ -241,13 +249,72 @@ def _figures(study, metric: str, family: FamilyAnalysis) -> dict[str, bytes]:
     with plt.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         if not family.importance.empty:
-            figures["importance"] = _png(plots.plot_param_importances(study, evaluator=_evaluator(),
-                                                                      target_name=metric))
+            figures["importance"] = _readable(plots.plot_param_importances(study, evaluator=_evaluator(),
+                                                                           target_name=metric),
+                                              f"{family.family}: importance of each searched setting (PED-ANOVA)",
+                                              family.family)
         if params and family.finished >= 2:
-            figures["parallel"] = _png(plots.plot_parallel_coordinate(study, target_name=metric))
+            figures["parallel"] = _readable(plots.plot_parallel_coordinate(study, target_name=metric),
+                                            f"{family.family}: each finished trial's settings, coloured by {metric}",
+                                            family.family, width=max(7.0, 1.9 * (len(params) + 1)),
+                                            names=[metric, *params])
         if numeric and family.finished >= 2:
-            figures["slice"] = _png(plots.plot_slice(study, params=numeric, target_name=metric))
+            figures["slice"] = _readable(plots.plot_slice(study, params=numeric, target_name=metric),
+                                         f"{family.family}: {metric} against each searched number, coloured by "
+                                         "trial", family.family, width=max(6.0, 3.6 * len(numeric)))
     return figures
+
+
+def _readable(axes, title: str, family: str, width: float | None = None, names: list[str] | None = None):
+    """An Optuna matplotlib plot made readable: the family in the title; parameter names whole, without the
+    family's prefix; log axes labelled at their decades only (no crowded '2x10^0 3x10^0 ...'); a white
+    background and a colour map whose low end is still blue, so the worst trial (often the default) shows;
+    dots with an edge; a colour bar of trial numbers with whole-number ticks. `names`: the whole axis names of
+    a parallel-coordinate plot (Optuna cuts them at 20 characters). Returns the Figure."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
+
+    import matplotlib.pyplot as plt
+
+    fig = np.ravel(axes)[0].figure
+    for ax in fig.axes:  # Optuna's generic "Slice Plot" / "Parallel Coordinate Plot": one title, the family's
+        ax.set_title("")
+    fig.suptitle(title)
+    if width:
+        fig.set_size_inches(width, fig.get_size_inches()[1])
+    visible = ListedColormap(plt.get_cmap("Blues")(np.linspace(0.4, 1.0, 256)))
+    prefix = f"{family}."
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            if ax.get_ylabel() == "Trial":
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            continue
+        ax.set_facecolor("white")
+        ax.grid(True, color="0.88", linewidth=0.6)
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                _log_ticks(axis)
+            axis.label.set_text(axis.label.get_text().removeprefix(prefix))
+        if names and len(ax.get_xticks()) == len(names) and ax is np.ravel(axes)[0]:
+            ax.set_xticks(ax.get_xticks(), [n.removeprefix(prefix) for n in names], rotation=20, ha="right")
+        for collection in ax.collections:
+            if collection.get_array() is not None:
+                collection.set_cmap(visible)
+            if type(collection).__name__ == "PathCollection":
+                collection.set_edgecolor("0.3")
+    return fig
+
+
+def _log_ticks(axis) -> None:
+    """A log axis labelled in plain numbers at 1, 2 and 5 times each power of ten when it spans two decades or
+    less (at the powers alone when wider), its other ticks unlabelled: a few readable labels, never a row of them."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = sorted(v for v in axis.get_view_interval())
+    decades = np.log10(high / low) if low > 0 else np.inf
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _pareto(trials: list[SweepTrial], objectives: list[tuple[str, str]]) -> tuple[pd.DataFrame | None, bytes | None]:

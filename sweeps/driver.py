@@ -96,6 +96,7 @@ def open_parent_run(client, trial_uri: str, plan: SweepPlan) -> str:
 def _show_in_ui(client, parent_run_id: str, plan: SweepPlan) -> None:
     """The experiment opens as a model-training one, and the sweep's trials get a saved view (never raises)."""
     from carclf.browse import mark_experiment, save_sweep_view
+    from sweeps.studies import searched_fields
 
     try:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
@@ -103,7 +104,7 @@ def _show_in_ui(client, parent_run_id: str, plan: SweepPlan) -> None:
         log.warning("no MLflow UI view for sweep %r: %s", plan.name, e)
         return
     mark_experiment(client, experiment_id)
-    save_sweep_view(client, experiment_id, plan.name, plan.spec.metric, plan.spec.mode)
+    save_sweep_view(client, experiment_id, plan.name, plan.spec.metric, plan.spec.mode, searched_fields(plan.spec))
 
 
 def trial_context(plan: SweepPlan, trial_uri: str, parent_run_id: str,

@@ -42,6 +42,7 @@ from sweeps.ranking import check_searched_backbones, rank_sweep_backbones
 from sweeps.results import PARAM_COLUMNS, _show, close_unfinished_runs, collect_results, orphan_runs, results_table
 from sweeps.session import ray_session, sigterm_as_ctrl_c
 from sweeps.spec import load_sweep_spec
+from sweeps.stored import finished_table
 from sweeps.trial import (ERROR_TAG, MODEL_TAG, PARENT_TAG, ROLE_TAG, STOPPED_TAG, SWEEP_TAG, TRIAL_TAG, FinishRunOnStop,
                           TrialContext, TrialStopped, _mlflow_client, first_fill_lock, run_trial, trial_config)
 from sweeps.tuner import NetworkASHA, PerModelResources, _interrupted, fit, make_trainable
@@ -64,6 +65,10 @@ def run_sweep(spec_path, *, name: str | None = None, address: str | None = None,
     """
     plan = plan_sweep(spec_path, name=name, address=address, resume=resume, storage_path=storage_path,
                       tracking_uri=tracking_uri)
+    stored = finished_table(plan) if resume and warm_start is None else None
+    if stored is not None:  # nothing left to run: no Ray, no server
+        print(f"sweep {plan.name!r} has finished: nothing to resume; its results as stored", flush=True)
+        return stored
     preflight(plan.spec)
     check_searched_backbones(plan.spec)
     show_plan(plan.spec, plan.name)  # what it extracts, each family's estimated trial, a budget that holds none refused
@@ -199,7 +204,28 @@ def _print_next_steps(out_dir) -> None:
         print(f"(no MLflow UI link: {e})")
         return
     print("\n".join(lines))  # links are not wrapped: a terminal opens them only whole
-    print(f"next: carclf report {info.name}   (retests the best configuration per model on the test split)")
+    print(next_step(info))
+
+
+def next_step(info) -> str:
+    """What to run next: the report, or once it exists, promote (or predict once promoted)."""
+    if not (info.report_dir / "report.json").is_file():
+        return f"next: carclf report {info.name}   (retests the best configuration per model on the test split)"
+    if not _promoted(info):
+        return (f"next: carclf promote {info.name}   (the report is in {info.report_dir}; promote registers each "
+                "family and marks the winner)")
+    return ("next: carclf predict models:/carclf-best@champion IMAGES   (the report is written and its models "
+            "are registered)")
+
+
+def _promoted(info) -> bool:
+    """Whether a registered version came from this sweep (`carclf promote` tags each with carclf.sweep)."""
+    from carclf.report.selection import sweep_client
+
+    try:
+        return bool(sweep_client(info).search_model_versions(f"tags.`carclf.sweep` = '{info.name}'", max_results=1))
+    except Exception:  # noqa: BLE001 - a registry that cannot be searched: say the step that is safe
+        return False
 
 
 def _print_edge_warnings(out_dir) -> None:

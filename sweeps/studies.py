@@ -47,6 +47,12 @@ class SweepTrial:
         return self.status == "FINISHED" and all(math.isfinite(self.value(n)) for n in names)
 
 
+def searched_fields(spec: SweepSpec) -> list[str]:
+    """The RunConfig fields ('svm.C', 'train.lr') some family of the sweep searches: what its trials differ in."""
+    return sorted({_FIELDS[name] for key in spec.models for name, p in spec.model_params(key).items()
+                   if _searched(p) and name in _FIELDS})
+
+
 def _searched(p) -> bool:
     """What SearchSpace asks Optuna for: a range, or a choice among several values (one value is a constant)."""
     return isinstance(p, (FloatRange, IntRange)) or (isinstance(p, Choice) and len(p.choices) > 1)

@@ -91,7 +91,7 @@ def _tuner(spec: SweepSpec, name: str, storage: str, trainable, callback, restor
                                   max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=True)
     # Not sorted by the metric: a trial the time budget ended before it reported has none, and
     # Tune's sort then fails on None (the results table is sorted instead).
-    reporter = tune.CLIReporter(metric_columns=[*spec.objective_names, "training_iteration"], parameter_columns=["model"],
+    reporter = _StatusWhileRunning(metric_columns=[*spec.objective_names, "training_iteration"], parameter_columns=["model"],
                                 max_report_frequency=30, metric=spec.metric, mode=spec.mode)
     # The time budget as a stopper that tells the driver it ran out (Tune's time_budget_s does not).
     budget = SweepBudget(name, spec.time_budget_s) if spec.time_budget_s else None
@@ -99,6 +99,13 @@ def _tuner(spec: SweepSpec, name: str, storage: str, trainable, callback, restor
                                 progress_reporter=reporter, stop=budget,
                                 failure_config=tune.FailureConfig(max_failures=spec.max_failures))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+class _StatusWhileRunning(tune.CLIReporter):
+    """Tune's status table while trials run, but not its last one: carclf's own results table follows the sweep."""
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        return not done and super().should_report(trials, done)
 
 
 def _max_epochs(spec: SweepSpec, searcher) -> int:

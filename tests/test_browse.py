@@ -38,12 +38,14 @@ def test_the_sweep_view_lists_its_trials_best_first_with_family_metric_and_early
         trials[name] = run.info.run_id
     client.create_run(exp, tags={"carclf.sweep": "other", "carclf.role": "trial"})  # another sweep's trial
 
-    vid = browse.save_sweep_view(client, exp, "quick", "val_f1_macro", "max")
+    vid = browse.save_sweep_view(client, exp, "quick", "val_f1_macro", "max", ["svm.C", "svm.gamma_factor"])
     envelope = json.loads(client.get_experiment(exp).tags[f"mlflow.sharedViewState.{vid}"])
     assert envelope["name"] == "sweep quick: trials by val_f1_macro" and isinstance(envelope["createdAt"], int)
     state = json.loads(envelope["state"])
-    assert state["selectedColumns"] == ["tags.`carclf.sweep_model`", "metrics.`val_f1_macro`",
+    assert state["selectedColumns"] == ["tags.`carclf.sweep_model`", "metrics.`val_f1_macro`", "params.`svm.C`",
+                                        "params.`svm.gamma_factor`", "tags.`carclf.baseline`",
                                         "tags.`carclf.stopped_early`"]
+    assert all(state["columnWidths"][c] > 10 * len("carclf.") for c in state["selectedColumns"] if c.startswith("tags."))
     # the view's filter and order, as the UI sends them to the server: this sweep's trials, best first
     order = f"{state['orderByKey']} {'ASC' if state['orderByAsc'] else 'DESC'}"
     found = client.search_runs([exp], filter_string=state["searchFilter"], order_by=[order])
@@ -84,10 +86,30 @@ def test_carclf_ui_prints_the_model_training_link_and_one_per_sweep(tracked, tmp
     parent = client.create_run(exp).info.run_id
     write_sweep_json(tmp_path, "quick", parent, tracked)
     write_sweep_json(tmp_path, "elsewhere", parent, "sqlite:////other/mlflow.db")  # another store: not listed
-    monkeypatch.setattr(tracking.subprocess, "call", lambda cmd, env: 0)
-    tracking.cli_ui(type("Args", (), {"backend_store_uri": tracked, "port": 5055})())
-    out = capsys.readouterr().out
-    assert "http://127.0.0.1:5055/#/experiments?workflowType=machine_learning" in out
-    assert (f"sweep quick: http://127.0.0.1:5055/#/experiments/{exp}/runs?viewStateShareKey=carclf-sweep-quick"
+    from test_tracking import _FakeServer, _fake_ui, _free_port
+
+    _fake_ui(monkeypatch, capsys)
+    port = _free_port()
+    tracking.cli_ui(type("Args", (), {"backend_store_uri": tracked, "port": port})())
+    out = _FakeServer.last.printed_before_start + capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning" in out
+    assert (f"sweep quick: http://127.0.0.1:{port}/#/experiments/{exp}/runs?viewStateShareKey=carclf-sweep-quick"
             "&workflowType=machine_learning") in out
     assert "elsewhere" not in out
+
+
+def test_the_view_shows_every_parameter_some_family_searches(tmp_path):
+    import yaml
+
+    from sweeps.spec import load_sweep_spec
+    from sweeps.studies import searched_fields
+
+    spec = {"base": {"data": {"path": str(tmp_path)}},
+            "models": {"cnn": {"model": "simple_cnn", "space": {"lr": {"low": 1e-3, "high": 1e-2}, "epochs": 2}},
+                       "rbf": {"model": "svm", "space": {"kernel": "rbf", "C": {"low": 0.1, "high": 10.0, "log": True},
+                                                         "gamma_factor": {"low": 0.1, "high": 10.0, "log": True}}}},
+            "space": {"augment_strength": {"choices": [0.0, 0.3]}}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    # constants (epochs 2, kernel rbf) are the same in every trial: no column for them
+    assert searched_fields(load_sweep_spec(path)) == ["augment.strength", "svm.C", "svm.gamma_factor", "train.lr"]

@@ -50,8 +50,27 @@ def test_run_uri_folders_unreadable_files_and_csv(sweeps, uri, tmp_path, capsys,
     assert "cannot decode" in errors[str(folder / "broken.jpg")] and "no such file" in errors[str(tmp_path / "nope.jpg")]
     good = df[df["error"] == ""]
     assert len(good) == 3 and set(good["class_1"]) <= set(rep.classes) and "class_3" not in df.columns
-    assert "broken.jpg: ERROR" in printed and "car0.jpg: " in printed
+    # with --out the terminal gets what was used and a summary, not a line per image
+    assert "broken.jpg" not in printed and "car0.jpg" not in printed
+    assert f"model: runs:/{rep.run_id}/model (family svm_rbf of sweep good)" in printed
+    counts = good["class_1"].value_counts()
+    assert printed.rstrip().endswith("5 images: 2 errors; predicted: "
+                                     + ", ".join(f"{c} {n}" for c, n in counts.items()))
     assert not list(out.parent.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_predict_names_the_version_an_alias_resolved_to_and_prints_every_image_without_out(sweeps, uri, capsys):
+    promote("good", model="svm_rbf")
+    version = MlflowClient(uri).get_model_version_by_alias("carclf-svm_rbf", "champion")
+    images = sorted(sweeps.data_dir.rglob("*.jpg"))[:2]
+    assert main(["predict", "models:/carclf-svm_rbf@champion", *map(str, images)]) == 0
+    printed = capsys.readouterr().out
+    trial = version.tags["carclf.trial_id"]
+    assert trial and f"model: models:/carclf-svm_rbf@champion = carclf-svm_rbf v{version.version} (family svm_rbf " \
+        f"of sweep good, trial {trial}, test f1_macro {float(version.tags['carclf.test_f1_macro']):.4f} for this " \
+        "version)" in printed
+    assert all(f"{p}: " in printed for p in images) and "2 images: 0 errors; predicted: " in printed
 
 
 def test_collect_images_walks_sorted_and_skips_hidden_and_non_images(tmp_path):

@@ -38,7 +38,7 @@ def test_promote_sets_alias_refuses_worse_model_and_force_moves_it(sweeps, uri, 
     cli_promote(argparse.Namespace(sweep="bad", model=None, alias="champion", force=False))
     out = capsys.readouterr().out
     assert f"{_rep_f1(sweeps.bad):.4f}" in out and f"{_rep_f1(sweeps.good):.4f}" in out  # both figures
-    assert "alias kept" in out and "not better" in out
+    assert "@champion kept" in out and "not better" in out
     assert client.get_model_version_by_alias("carclf-svm_rbf", "champion").version == champion.version
     assert len(client.search_model_versions("name = 'carclf-svm_rbf'")) == 2  # registered, not promoted
 
@@ -97,17 +97,20 @@ def test_promote_marks_the_report_winner_as_carclf_best_and_prints_each_outcome_
     assert best.run_id == family.run_id and best.tags["carclf.family"] == winner
     assert [str(v.version) for v in client.search_model_versions("name = 'carclf-best'")] == ["1"]  # the winner only
     for name in ("carclf-svm_rbf", "carclf-simple_cnn", "carclf-best"):
-        assert captured.out.count(f"{name} v1") == 1, name  # once: not also as a log line
+        lines = captured.out.splitlines()
+        assert sum(line.startswith(f"{name} v1") for line in lines) == 1, name  # once: not also as a log line
     assert f"carclf-best v1 = the report's winner, {winner}:" in captured.out
     assert not [r for r in caplog.records if r.name.startswith("carclf") and r.levelno >= logging.INFO]
     assert "Successfully registered" not in captured.err  # nor MLflow's own lines
     # the registered model's own figure and the report's mean over seeds, each labelled
     own = _rep_f1(sweeps.good, "simple_cnn")
     mean = sweeps.good.table.set_index("model").loc["simple_cnn", "test_f1_macro"]
-    assert f"carclf-simple_cnn v1: test_f1_macro {own:.4f} (this model; mean over 2 seeds in the report {mean:.4f})" \
-        in captured.out
+    seed = sweeps.good.families[[f.model for f in sweeps.good.families].index("simple_cnn")].representative.seed
+    assert (f"carclf-simple_cnn v1: test_f1_macro {own:.4f} (this version, the retest with seed {seed}; the report's "
+            f"mean over 2 seeds {mean:.4f})") in captured.out
     # a deterministic family is retested once: no mean over seeds to show beside its own figure
-    assert f"carclf-svm_rbf v1: test_f1_macro {_rep_f1(sweeps.good):.4f} (this model);" in captured.out
+    assert f"carclf-svm_rbf v1: test_f1_macro {_rep_f1(sweeps.good):.4f} (this version, the retest with seed 0);" \
+        in captured.out
 
     # A later report whose winner is worse on the same test images does not take carclf-best.
     outcomes = {o.name: o for o in promote("bad")}

@@ -100,3 +100,11 @@ def test_asha_lets_a_default_configuration_run_its_epochs_even_beyond_the_search
     spec = _spec(models={"simple_cnn": {"space": {"epochs": {"low": 2, "high": 4}}}})  # RunConfig's default: 10
     assert spec.max_epochs() == 4 and _max_epochs(spec, budget_search(spec)) == 10
     assert _max_epochs(_spec(), budget_search(_spec())) == 2  # the default inside: the range's end
+
+
+def test_tunes_last_status_table_is_not_printed_before_carclfs_own():
+    from sweeps.tuner import _StatusWhileRunning
+
+    reporter = _StatusWhileRunning(metric_columns=["val_f1_macro"], max_report_frequency=0)
+    assert reporter.should_report([], done=False)  # while trials run, Tune's table as before
+    assert not reporter.should_report([], done=True)  # at the end: carclf's results table only

@@ -193,30 +193,82 @@ def test_svm_pipeline_with_a_type_the_loader_does_not_trust_is_refused_at_loggin
             tracking.log_svm_model(pipe, backbone, input_example=_photos(1), metadata=meta)
 
 
-def test_cli_ui_runs_mlflow_ui_on_loopback_with_an_absolute_uri(tmp_path, monkeypatch, capsys):
+class _FakeServer:
+    """Stands in for carclf.server.TrackingServer in `carclf ui`: records what it was given and what had been
+    printed when it started; Ctrl+C right after."""
+
+    def __init__(self, capsys, uri, port):
+        self.uri, self.port, self.capsys, self.printed_before_start = uri, port, capsys, None
+        self.url = f"http://127.0.0.1:{port}"
+        _FakeServer.last = self
+
+    def __enter__(self):
+        self.printed_before_start = self.capsys.readouterr().out
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def running(self):
+        raise KeyboardInterrupt
+
+
+def _fake_ui(monkeypatch, capsys):
+    from carclf import server
+
+    monkeypatch.setattr(server, "TrackingServer", lambda uri, port: _FakeServer(capsys, uri, port))
+
+
+def test_cli_ui_prints_its_links_once_the_server_answers(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
-    calls = []
-    monkeypatch.setattr(tracking.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
-    args = type("Args", (), {"backend_store_uri": "sqlite:///m.db", "port": 5055})()
+    _fake_ui(monkeypatch, capsys)
+    port = _free_port()
+    args = type("Args", (), {"backend_store_uri": "sqlite:///m.db", "port": port})()
     assert tracking.cli_ui(args) == 0
-    cmd, env = calls[0]
-    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5055"
-    # `mlflow ui` reads the store from MLFLOW_BACKEND_STORE_URI (its option's envvar).
-    assert env["MLFLOW_BACKEND_STORE_URI"] == f"sqlite:///{tmp_path.resolve()}/m.db"
-    assert "http://127.0.0.1:5055" in capsys.readouterr().out
+    fake = _FakeServer.last
+    assert fake.uri == f"sqlite:///{tmp_path.resolve()}/m.db" and fake.port == port
+    assert f"http://127.0.0.1:{port}" not in fake.printed_before_start
+    assert f"MLflow UI: http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning" in capsys.readouterr().out
 
 
-def test_cli_ui_keeps_a_database_password_off_the_screen_and_the_command_line(monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(tracking.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
-    monkeypatch.setattr(tracking, "_check_database_driver", lambda uri: None)  # as if psycopg were installed
-    args = type("Args", (), {"backend_store_uri": "postgresql://mlflow:secret@db:5432/mlflow", "port": 5055})()
-    assert tracking.cli_ui(args) == 0
-    cmd, env = calls[0]
-    out = capsys.readouterr().out
-    assert "secret" not in out and "postgresql://mlflow:***@db:5432/mlflow" in out
+def test_the_ui_server_is_the_light_one_on_loopback_with_the_store_off_its_command_line():
+    from carclf.server import TrackingServer
+
+    server = TrackingServer("postgresql://mlflow:secret@db:5432/mlflow", port=5055)
+    cmd, env = server._command(), server._environment()
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no job runner and its consumers
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql://mlflow:secret@db:5432/mlflow"
     assert not [a for a in cmd if "secret" in a]
-    assert env["MLFLOW_BACKEND_STORE_URI"] == args.backend_store_uri
+
+
+def test_cli_ui_keeps_a_database_password_off_the_screen(monkeypatch, capsys):
+    _fake_ui(monkeypatch, capsys)
+    monkeypatch.setattr(tracking, "_check_database_driver", lambda uri: None)  # as if psycopg were installed
+    args = type("Args", (), {"backend_store_uri": "postgresql://mlflow:secret@db:5432/mlflow", "port": _free_port()})()
+    assert tracking.cli_ui(args) == 0
+    out = _FakeServer.last.printed_before_start + capsys.readouterr().out
+    assert "secret" not in out and "postgresql://mlflow:***@db:5432/mlflow" in out
+
+
+def test_cli_ui_on_a_port_in_use_exits_non_zero_at_once_and_names_another(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    from carclf.cli import main
+
+    monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        assert main(["ui", "--port", str(port)]) == 2
+        assert time.monotonic() - start < 10
+    captured = capsys.readouterr()
+    assert f"port {port} is in use; try --port " in captured.err
+    assert "http://" not in captured.out  # no links for a server that is not there
 
 
 def _free_port() -> int:

@@ -23,12 +23,14 @@ import pandas as pd
 from carclf.errors import DataError, SweepError
 from carclf.report.analysis import analysis_section, load_analysis
 from carclf.report.backbones import backbone_ranking, backbone_section
+from carclf.report.chance import RATE_METRIC, below_majority, majority_rate
 from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
                                    per_class_f1_table, ranking_metric, split_counts_table, winner, winner_sentence)
 from carclf.report.edges import edge_lines, edge_section, load_edge_warnings
 from carclf.report.gain import (TuningPair, default_retests, default_trials, defaults_summary, gain_metrics,
                                 gain_problems, gain_records, gain_section, gain_sentences, gain_table, retest_defaults)
-from carclf.report.render import CONFUSION_PREFIX, _with_intervals, figure_png, render_html, report_figures
+from carclf.report.render import (CONFUSION_PREFIX, REGISTERED_COLUMN, _with_intervals, figure_png, render_html,
+                                  report_figures)
 from carclf.report.retest import (REPRESENTATIVE_TAG, RETEST_SEEDS_TAG, TEST_HASH_TAG, FamilyRetest,
                                   check_same_test_split, retest_trial, run_manifest, run_test_hash)
 from carclf.report.selection import (ROLE_TAG, SWEEP_TAG, SweepInfo, parent_run, resolve_sweep, select_best,
@@ -102,6 +104,7 @@ class ReportResult:
     gain: pd.DataFrame = field(default_factory=pd.DataFrame)  # gain.gain_table: best against default, per family
     pairs: list[TuningPair] = field(default_factory=list)  # each family's best and default retests
     edge_warnings: list[dict[str, Any]] = field(default_factory=list)  # the sweep's edge_warnings.json
+    below_majority: list[str] = field(default_factory=list)  # families that do not beat the majority-class rate
 
 
 def _start_report_run(client, info: SweepInfo, n_seeds: int) -> str:
@@ -220,7 +223,7 @@ def _tag_retests(client, families: list[FamilyRetest], test_hash: str) -> None:
 
 def _write_report(client, info, trials, families, pairs, report_run_id, out_dir, n_boot, test_hash, problems,
                   seeds) -> ReportResult:
-    table = comparison_table(families, info.metric, n_boot=n_boot)
+    table = _with_registered(comparison_table(families, info.metric, n_boot=n_boot), families)
     mcn = mcnemar_table(families)
     per_class, confused = per_class_f1_table(families), confused_pairs_table(families)
     not_finished = unfinished(trials, info.metric)
@@ -232,27 +235,47 @@ def _write_report(client, info, trials, families, pairs, report_run_id, out_dir,
     search, search_figures = analysis_section(load_analysis(client, info), families, info)
     ranking = backbone_ranking(client, info, trials)  # the sweep's LogME of its searched backbones, if it ranked any
     figures.update(search_figures)
-    n_test = len(next(r.y_true for f in families for r in f.runs))
+    first = next(r for f in families for r in f.runs)
+    n_test, rate = len(first.y_true), majority_rate(first.y_true, first.classes)
+    chance = below_majority(dict(zip(table["model"], table["test_accuracy"])), rate,
+                            what="test accuracy (mean over seeds)")
     notes = {"created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seeds": seeds,
              "n_test": n_test, "test_hash": test_hash, "n_boot": n_boot, "report_run_id": report_run_id}
     page = render_html(info=info, table=table, mcnemar=mcn, per_class=per_class, confused=confused,
                        not_finished=not_finished, problems=problems, figures_png=figures, notes=notes,
                        winner=best, remarks=remarks, sections=[backbone_section(ranking), search],
-                       top_sections=[gain_section(gain, info.metric), edge_section(edges)])
+                       top_sections=[_chance_section(chance), gain_section(gain, info.metric), edge_section(edges)])
     summary = {**_summary(info, families, report_run_id, test_hash, problems, seeds), "winner": best,
                "remarks": remarks, "tuning_gain": gain_records(gain), "defaults": defaults_summary(pairs),
-               "edge_warnings": edges, "backbone_ranking": ranking.summary() if ranking else None}
+               "edge_warnings": edges, "majority_class_rate": rate.rate, "below_majority": chance,
+               "backbone_ranking": ranking.summary() if ranking else None}
     files = write_outputs(out_dir, {"table_csv": table, "table_parquet": table, "mcnemar": mcn, "per_class": per_class,
                                     "confused": confused, "status": not_finished, "split_counts": split_counts,
                                     "gain": gain, **figures, "html": page, "summary": summary})
     for path in files.values():
         client.log_artifact(report_run_id, str(path), "report")
     _log_report_metrics(client, report_run_id, table, gain)
+    client.log_metric(report_run_id, RATE_METRIC, rate.rate)
     if best is not None:
         client.set_tag(report_run_id, WINNER_TAG, best["model"])
     client.set_tag(report_run_id, "mlflow.note.content", " ".join([winner_sentence(best), *gain_sentences(gain)]))
     return ReportResult(info, report_run_id, out_dir, table, mcn, families, problems, files, best, remarks, gain,
-                        pairs, edges)
+                        pairs, edges, chance)
+
+
+def _chance_section(warnings: list[str]) -> str:
+    import html
+
+    return "".join(f"<p class='warn'>Warning: {html.escape(w)}.</p>" for w in warnings)
+
+
+def _with_registered(table: pd.DataFrame, families: list[FamilyRetest]) -> pd.DataFrame:
+    """The table with the representative run's own test accuracy and macro-F1: the figures of the model
+    `carclf promote` registers (the table's other figures are means over seeds)."""
+    reps = {f.model: f.representative.test_metrics for f in families if f.runs}
+    for name in ("accuracy", "f1_macro"):
+        table[f"registered_test_{name}"] = [float(reps[m].get(name, math.nan)) for m in table["model"]]
+    return table
 
 
 def _split_counts(client, families: list[FamilyRetest]) -> pd.DataFrame:
@@ -291,7 +314,7 @@ def console_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     shown = _with_intervals(table, metric)
     first = f"test {ranking_metric(metric)}"
     order = ["model", metric, "seeds", first, *[c for c in shown.columns if c.startswith("test ") and c != first],
-             "train s", "infer ms/img", "params", "size MB", "configuration"]
+             REGISTERED_COLUMN, "train s", "infer ms/img", "params", "size MB", "configuration"]
     return shown[[c for c in order if c in shown.columns]]
 
 
@@ -306,12 +329,12 @@ def cli_report(args) -> int:
     optional = [c for c in shown.columns if c not in kept]  # left out last first when the terminal is narrow
     print(fit_table(shown, wrap="configuration", optional=optional))
     if len(result.mcnemar):
-        print("\nMcNemar (representative runs, Holm-adjusted):")
-        print(fit_table(result.mcnemar[["model_a", "model_b", "only_a_right", "only_b_right", "p_holm",
-                                        "significant"]]))
+        print("\nMcNemar (each family's first seed, the model promote registers; Holm-adjusted):")
+        print(fit_table(result.mcnemar[["model_a", "model_b", "accuracy_a_first_seed", "accuracy_b_first_seed",
+                                        "only_a_right", "only_b_right", "p_holm", "significant"]]))
     print()
     for text in [winner_sentence(result.winner), *gain_sentences(result.gain), *(f"note: {r}" for r in result.remarks),
-                 *(f"warning: {p}" for p in result.problems),
+                 *(f"warning: {w}" for w in result.below_majority), *(f"warning: {p}" for p in result.problems),
                  *(f"warning: search range: {m}" for m in edge_lines(result.edge_warnings))]:
         print(wrapped(text))
     uri = result.info.tracking_uri

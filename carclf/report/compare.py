@@ -57,11 +57,11 @@ def mcnemar_table(families: list[FamilyRetest]) -> pd.DataFrame:
         ra, rb = a.representative, b.representative
         res = stats.mcnemar(ra.y_true, ra.pred, rb.pred)
         rows.append({"model_a": a.model, "model_b": b.model,
-                     "accuracy_a": float(np.mean(ra.pred == ra.y_true)),
-                     "accuracy_b": float(np.mean(rb.pred == rb.y_true)),
+                     "accuracy_a_first_seed": float(np.mean(ra.pred == ra.y_true)),
+                     "accuracy_b_first_seed": float(np.mean(rb.pred == rb.y_true)),
                      "only_a_right": res.a_only, "only_b_right": res.b_only,
                      "p_value": res.p_value, "p_mid": res.p_mid})
-    table = pd.DataFrame(rows, columns=["model_a", "model_b", "accuracy_a", "accuracy_b", "only_a_right",
+    table = pd.DataFrame(rows, columns=["model_a", "model_b", "accuracy_a_first_seed", "accuracy_b_first_seed", "only_a_right",
                                         "only_b_right", "p_value", "p_mid"])
     table["p_holm"] = stats.holm(table["p_value"].tolist()) if len(table) else []
     table["significant"] = table["p_holm"] < 0.05
