@@ -126,15 +126,17 @@ def _env(**values: str) -> Iterator[None]:
 _ray_session = ray_session  # the name this module used before the session moved to sweeps.session
 
 
-def _interrupted(spec: SweepSpec, trials: list, fit_seconds: float, budget_spent: bool = False) -> bool:
-    """Ctrl-C ends Tuner.fit() normally: a sweep short of trials within its time budget was interrupted.
+def _interrupted(spec: SweepSpec, trials: list, fit_seconds: float, budget_spent: bool = False,
+                 converged: bool = False) -> bool:
+    """Ctrl-C ends Tuner.fit() normally: a sweep short of trials within its time budget was interrupted,
+    unless its search converged.
 
     `budget_spent`: the budget's stopper said it ran out (over all runs of a resumed sweep).
     """
     if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
         return True
     budget_spent = budget_spent or (spec.time_budget_s is not None and fit_seconds >= spec.time_budget_s)
-    return len(trials) < spec.num_samples and not budget_spent
+    return len(trials) < spec.num_samples and not budget_spent and not converged
 
 
 def fit(spec: SweepSpec, name: str, storage: str, ctx: TrialContext, address: str | None,
