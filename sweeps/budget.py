@@ -355,8 +355,9 @@ class FamilyBudgetSearch(Searcher):
 
     def _news(self, decision: Decision) -> list[str]:
         """Lines for what this decision changes in the plan (nothing when it follows the plan already said)."""
-        stalled = tuple(self.policy.stalled()) if decision.phase == "budget" else ()
-        plan = (decision.phase, stalled)
+        searching = decision.phase in ("cover", "budget")  # interleaved: one plan, said once
+        stalled = tuple(self.policy.stalled()) if searching else ()
+        plan = ("search" if searching else decision.phase, stalled)
         lines = [f"budget: {_plan_line(decision, stalled, self.policy)}"] if plan != self._said else []
         self._said = plan
         outside = self.defaults[decision.family].outside if decision.phase == "default" else []
@@ -395,12 +396,10 @@ def _plan_line(decision: Decision, stalled: tuple, policy: BudgetPolicy) -> str:
     if decision.phase == "warm_start":
         return "warm-start points next, each from its family's search"
     unit = "seconds" if policy.by_time else "trials"
-    if decision.phase == "cover":
-        return (f"cover points next: each family's first trials spread over its space (Sobol) before its search "
-                f"models it; {unit} spent decide whose turn it is")
     if not stalled:
-        return (f"trials go to the families still improving (best up by more than {policy.delta:g} over their "
-                f"last {policy.after} finished trials), least {unit} spent first; all are improving")
+        return (f"each family's first trials cover its space (Sobol points) before its search models it (TPE); "
+                f"trials go to the families still improving (best up by more than {policy.delta:g} over their last "
+                f"{policy.after} finished trials), least {unit} spent first; all are improving")
     bests = ", ".join(f"{k} (best {_fmt(policy.best(k))})" for k in stalled)
     moving = ", ".join(k for k in policy.order if k not in stalled)
     return (f"stalled, no gain above {policy.delta:g} over their last {policy.after} finished trials: {bests}; "
