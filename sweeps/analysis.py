@@ -179,6 +179,13 @@ def _choices(done: list, mode: str) -> pd.DataFrame:
     return table.sort_values(["param", "best"], ascending=[True, mode == "min"], kind="stable").reset_index(drop=True)
 
 
+# PED-ANOVA (Watanabe et al., IJCAI 2023) ranks parameters by how the best tenth of the trials (Optuna's
+# target_quantile 0.1) is spread compared with all of them, and needs at least 2 trials in a regime. Below 20
+# finished trials the best tenth holds fewer than 2, so an "importance" would describe one or two lucky draws,
+# not the space (Optuna's documentation prefers at least 5 in the top set, i.e. 50 trials).
+MIN_IMPORTANCE_TRIALS = 20
+
+
 def _evaluator():
     import optuna
 
@@ -186,15 +193,17 @@ def _evaluator():
 
 
 def _importance(study, n_done: int) -> tuple[pd.DataFrame, str | None]:
-    """PED-ANOVA importances (normalised to sum 1), or an empty table and the reason."""
+    """PED-ANOVA importances (normalised to sum 1), or an empty table and the reason (too few trials among them)."""
     import optuna
 
     empty = pd.DataFrame(columns=["param", "importance"])
     searched = {n for t in study.trials for n in t.distributions}
     if not searched:
         return empty, "nothing was searched in this family: no importance to tell"
-    if n_done < 2:
-        return empty, "importance needs at least two finished trials"
+    if n_done < MIN_IMPORTANCE_TRIALS:
+        return empty, (f"too few trials ({n_done}) to rank parameters: importance is withheld below "
+                       f"{MIN_IMPORTANCE_TRIALS} finished trials, where the best tenth PED-ANOVA compares with the "
+                       "rest holds fewer than the 2 trials it needs")
     if len({t.value for t in study.trials}) == 1:
         return empty, "every finished trial scored the same: no importance to tell"
     try:

@@ -7,19 +7,34 @@ The order, in one sentence per step:
 1. Defaults: each family's default configuration first (sweeps.defaults), marked `"baseline": True`,
    cheapest first by the plan's estimates (sweeps.plan; the sweep file's order without them).
 2. Warm start: then the warm-start points (`--warm-start`), in their order, each from its family's search.
-3. Even start: then every family is brought to EVEN_START trials (its default and warm starts count).
-4. Budget: then each trial goes to the family with the fewest trials among those still improving, a
+3. Cover: a family's next trials are its cover points (sweeps.search: a Sobol sequence over its space);
+   it is never called stalled before it has finished them (its default and warm starts count) and
+   STALL_AFTER trials more, so the trials that judge it are its model-guided search's.
+4. Budget: then each trial goes to the family that has spent least among those still improving, a
    family being stalled when its best (on the first objective) rose by no more than STALL_DELTA over its
-   last STALL_AFTER finished trials (a failure counts as no gain); when every family has stalled, the
-   family with the best result so far. Ties go to the better best (or the fewer trials), then to the
-   sweep file's order.
+   last STALL_AFTER finished trials that trained a model of their own (a failure counts as no gain; a
+   trial that repeated an earlier trial's model, such as a saturated SVM at a larger C, counts neither
+   way: a family whose trials were all one model has not been searched, so it is not stalled). Ties go
+   to a family still in its cover, then the fewer trials, the better best, the sweep file's order.
+5. Convergence: when every family has stalled and no trial is running, the search is over: the sweep
+   ends, saying so, before its time budget or `num_samples` would end it.
+
+What a family has spent is counted in the sweep's own unit: seconds when the sweep has a time budget
+(`time_budget_s`; each finished trial's measured wall time, a running trial at its family's mean so
+far), so a family whose trials take seconds gets many more trials than one whose trials take minutes;
+trials when it has none. `num_samples` bounds the suggestions either way.
+
+An SVM trial whose model is saturated (every C at or above some value gives the same model, carclf.svm)
+sends its family's search below that value: the point with the same other settings and C halfway (on
+the log scale) between the range's low end and the saturation point is queued in its study.
 
 Decisions use the trials finished so far: with several trials running at once, a trial still running
-counts as given to its family but not yet as a gain or a stall. `num_samples` bounds the suggestions.
-Each decision is a line of `budget.jsonl` on the sweep's parent run (trial number, family, phase, reason,
-every family's trials, finished trials, best and whether it has stalled); a decision that changes the
-plan is also printed. The searcher holds no MLflow client: it finds the driver's through the sweep's
-name (sweeps.progress), so it pickles for `--resume`, and `save`/`restore` carry its whole state.
+counts as given to its family but not yet as a gain or a stall. Each decision is a line of
+`budget.jsonl` on the sweep's parent run (trial number, family, phase, reason, every family's trials,
+finished trials, repeats, seconds spent, mean seconds per trial, best and whether it has stalled); a
+decision that changes the plan is also printed. The searcher holds no MLflow client: it finds the
+driver's through the sweep's name (sweeps.progress), so it pickles for `--resume`, and `save`/`restore`
+carry its whole state.
 """
 
 from __future__ import annotations
@@ -35,15 +50,15 @@ from ray.tune.search import Searcher
 
 from sweeps.defaults import BASELINE, DefaultTrial, default_trial
 from sweeps.plan import estimated_order
-from sweeps.search import family_searcher
+from sweeps.search import cover_size, family_searcher
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
-EVEN_START = 2  # trials per family, its default included, before results steer the budget
-STALL_AFTER = 2  # a family whose best did not move over its last 2 finished trials ...
+STALL_AFTER = 3  # a family whose best did not move over its last 3 finished trials of their own model ...
 STALL_DELTA = 0.005  # ... by more than this (on a validation metric in [0, 1]) has stalled
 BUDGET_FILE = "budget.jsonl"
+CONVERGED = "converged"  # the phase of the decision that ends the search
 
 
 # ---------------------------------------------------------------------- the policy (pure)
@@ -75,49 +90,91 @@ def is_stalled(values: list[float | None], mode: str, after: int = STALL_AFTER, 
 
 @dataclass
 class Family:
+    cover: int = 0  # trials before its results may call it stalled: its default, warm starts and cover points
     started: int = 0
     values: list[float | None] = field(default_factory=list)  # the first objective per finished trial; None: no value
+    repeats: int = 0  # finished trials that repeated an earlier trial's model (not in `values`)
+    seconds: list[float] = field(default_factory=list)  # measured wall time per finished trial
+
+    @property
+    def running(self) -> int:
+        return self.started - len(self.values) - self.repeats
 
 
 @dataclass(frozen=True)
 class Decision:
-    family: str
-    phase: str  # default, warm_start, even_start, budget
+    family: str | None  # None: the search has converged (or waits for running trials to say whether it has)
+    phase: str  # default, warm_start, cover, budget, converged
     reason: str
 
 
 class BudgetPolicy:
-    """Which family gets the next trial, from each family's trials so far (see the module docstring)."""
+    """Which family gets the next trial, from each family's trials so far (see the module docstring).
+
+    `cover`: per family (or for all) the trials it gets before it can be called stalled.
+    `by_time`: spend is measured in seconds (a sweep with a time budget), else in trials.
+    """
 
     def __init__(self, families: list[str], mode: str, planned: list[tuple[str, str]] = (), *,
-                 even_start: int = EVEN_START, after: int = STALL_AFTER, delta: float = STALL_DELTA):
+                 cover: dict[str, int] | int = 1, after: int = STALL_AFTER, delta: float = STALL_DELTA,
+                 by_time: bool = False):
         self.order, self.mode = list(families), mode
         self.planned = list(planned)  # (phase, family): the defaults and warm starts, in order
-        self.even_start, self.after, self.delta = even_start, after, delta
-        self.families = {key: Family() for key in self.order}
+        self.after, self.delta, self.by_time = after, delta, by_time
+        covers = cover if isinstance(cover, dict) else {k: cover for k in self.order}
+        self.families = {key: Family(cover=covers.get(key, 1)) for key in self.order}
 
     def best(self, key: str) -> float | None:
         return best_of(self.families[key].values, self.mode)
 
+    def covering(self, key: str) -> bool:
+        return self.families[key].started < self.families[key].cover
+
+    def _judged(self, key: str) -> bool:
+        """Whether `key` has finished enough trials to be called stalled: its cover and `after` trials past it
+        (so the trials that decide are the search's own, not only the cover's)."""
+        f = self.families[key]
+        return len(f.values) + f.repeats >= f.cover + self.after
+
     def stalled(self) -> list[str]:
-        return [k for k in self.order if is_stalled(self.families[k].values, self.mode, self.after, self.delta)]
+        return [k for k in self.order if self._judged(k)
+                and is_stalled(self.families[k].values, self.mode, self.after, self.delta)]
 
     def next(self) -> Decision:
         if self.planned:
             phase, key = self.planned.pop(0)
             what = "its default configuration" if phase == "default" else "a warm-start point"
             return Decision(key, phase, what)
-        behind = [k for k in self.order if self.families[k].started < self.even_start]
-        if behind:
-            return Decision(self._first(behind), "even_start", f"even start: {self.even_start} trials per family")
         stalled = self.stalled()
         moving = [k for k in self.order if k not in stalled]
-        if moving:
-            why = "fewest trials among the families still improving"
-            if stalled:
-                why += f" (stalled: {', '.join(stalled)})"
-            return Decision(self._first(moving), "budget", why)
-        return Decision(self.leader(), "budget", "every family has stalled: the best so far")
+        if not moving:
+            if any(f.running for f in self.families.values()):
+                return Decision(None, "budget", "every family has stalled: waiting for the running trials")
+            return Decision(None, CONVERGED, f"every family has stalled (no gain above {self.delta:g} over its last "
+                                             f"{self.after} finished trials): the search has converged")
+        key = self._first(moving)
+        unit = "seconds" if self.by_time else "trials"
+        why = f"least {unit} spent among the families still improving"
+        if stalled:
+            why += f" (stalled: {', '.join(stalled)})"
+        if self.covering(key):
+            return Decision(key, "cover", f"a cover point of its space; {why}")
+        return Decision(key, "budget", why)
+
+    def cost(self, key: str) -> float:
+        """Seconds a trial of `key` takes: its mean so far, else the mean over every family's trials, else 1."""
+        own = self.families[key].seconds
+        if own:
+            return sum(own) / len(own)
+        every = [s for f in self.families.values() for s in f.seconds]
+        return sum(every) / len(every) if every else 1.0
+
+    def spent(self, key: str) -> float:
+        """What `key` has used of the budget: seconds (running trials at the family's cost) or trials."""
+        f = self.families[key]
+        if not self.by_time:
+            return float(f.started)
+        return sum(f.seconds) + (f.started - len(f.seconds)) * self.cost(key)
 
     def _rank(self, k: str) -> float:
         """Better best first (a family without a value last)."""
@@ -125,22 +182,29 @@ class BudgetPolicy:
         return (-best if self.mode == "max" else best) if best is not None else math.inf
 
     def _first(self, keys: list[str]) -> str:
-        """Fewest trials, then the better best, then the sweep file's order."""
-        return min(keys, key=lambda k: (self.families[k].started, self._rank(k), self.order.index(k)))
-
-    def leader(self) -> str:
-        """The better best, then fewest trials, then the sweep file's order."""
-        return min(self.order, key=lambda k: (self._rank(k), self.families[k].started, self.order.index(k)))
+        """Least spent, then one still in its cover, then fewest trials, the better best, the sweep file's order."""
+        return min(keys, key=lambda k: (self.spent(k), not self.covering(k), self.families[k].started, self._rank(k),
+                                        self.order.index(k)))
 
     def started(self, key: str) -> None:
         self.families[key].started += 1
 
-    def finished(self, key: str, value: float | None) -> None:
-        self.families[key].values.append(value)
+    def finished(self, key: str, value: float | None, seconds: float | None = None, repeat: bool = False) -> None:
+        """A finished trial: its value (None: failed), wall time, and whether it repeated an earlier model."""
+        f = self.families[key]
+        if repeat:
+            f.repeats += 1
+        else:
+            f.values.append(value)
+        if seconds is not None and math.isfinite(seconds):
+            f.seconds.append(float(seconds))
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         stalled = set(self.stalled())
-        return {k: {"trials": f.started, "finished": len(f.values), "best": self.best(k), "stalled": k in stalled}
+        return {k: {"trials": f.started, "finished": len(f.values) + f.repeats, "repeats": f.repeats,
+                    "cover": f.cover, "seconds": round(sum(f.seconds), 3),
+                    "mean_s": round(self.cost(k), 3) if f.seconds else None,
+                    "best": self.best(k), "stalled": k in stalled}
                 for k, f in self.families.items()}
 
 
@@ -167,25 +231,34 @@ class FamilyBudgetSearch(Searcher):
                           for i, key in enumerate(spec.models)}
         planned = [("default", k) for k in estimated_order(sweep, list(spec.models))] + \
             [("warm_start", k) for k, _ in warm]
+        cover = {k: 1 + sum(w == k for w, _ in warm) + cover_size(spec, k) for k in spec.models}
+        policy = {"cover": cover, "by_time": spec.time_budget_s is not None, **policy}
         self.policy = BudgetPolicy(list(spec.models), spec.mode, planned, **policy)
-        self.trials: dict[str, dict[str, Any]] = {}  # trial_id -> number, family, phase
+        self.trials: dict[str, dict[str, Any]] = {}  # trial_id -> number, family, phase, config
         self.done: set[str] = set()
         self.decisions: list[dict[str, Any]] = []
+        self.ended: str | None = None  # why the search ended before num_samples (the converged decision's reason)
         self._said: tuple | None = None  # the plan as last printed
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return False  # the space, metric and mode come from the sweep file
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        if len(self.trials) >= self.num_samples:
+        if len(self.trials) >= self.num_samples or self.ended:
             return Searcher.FINISHED
         decision = self.policy.next()
         key = decision.family
+        if key is None:
+            if decision.phase == CONVERGED:
+                self._converged(decision)
+                return Searcher.FINISHED
+            return None  # every family stalled, trials still running: ask again when one ends
         if decision.phase == "default":
             config = dict(self.defaults[key].config)
         else:
             config = self.searchers[key].suggest(trial_id)
-        self.trials[trial_id] = {"number": len(self.trials) + 1, "family": key, "phase": decision.phase}
+        self.trials[trial_id] = {"number": len(self.trials) + 1, "family": key, "phase": decision.phase,
+                                 "config": config}
         self.policy.started(key)
         self._record(trial_id, decision)
         return config
@@ -206,9 +279,51 @@ class FamilyBudgetSearch(Searcher):
             self._tell_default(key, result, error)
         else:
             self.searchers[key].on_trial_complete(trial_id, result=result, error=error)
-        value = (result or {}).get(self.first)
+        result = result or {}
+        value = result.get(self.first)
         finite = not error and isinstance(value, (int, float)) and math.isfinite(value)
-        self.policy.finished(key, float(value) if finite else None)
+        seconds = result.get("time_total_s")
+        self.policy.finished(key, float(value) if finite else None,
+                             seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+                             repeat=bool(result.get("equivalent")))
+        saturated = result.get("saturated_at")
+        if not error and isinstance(saturated, (int, float)) and math.isfinite(saturated):
+            self._below_saturation(key, info.get("config") or {}, float(saturated))
+
+    def _below_saturation(self, key: str, config: dict, saturated_at: float) -> None:
+        """Queue the family's point with C halfway (log scale) below `saturated_at`, where the model still changes,
+        unless a trial with the same other settings already tried a C below it."""
+        from sweeps.studies import space_distributions
+
+        name = f"{key}.C"
+        dist = space_distributions(self.spec, key).get(name)
+        if dist is None or saturated_at <= dist.low * 1.000001:
+            return
+        others = {n: v for n, v in config.items() if n.startswith(f"{key}.") and n != name}
+        for info in self.trials.values():
+            c = info.get("config") or {}
+            if info["family"] == key and c.get(name, math.inf) < saturated_at and \
+                    all(c.get(n) == v for n, v in others.items()):
+                return
+        lower = math.sqrt(dist.low * saturated_at) if dist.log else (dist.low + saturated_at) / 2
+        point = {n: v for n, v in others.items() if n in space_distributions(self.spec, key)}
+        point[name] = lower
+        self.searchers[key]._ot_study.enqueue_trial(point, skip_if_exists=True)
+        print(f"budget: {key}'s SVMs are saturated from C={saturated_at:.4g} on (every larger C is the same model): "
+              f"its search tries C={lower:.4g} next", flush=True)
+
+    def _converged(self, decision: Decision) -> None:
+        """The search is over before num_samples: recorded, printed, and told to the driver."""
+        from sweeps.progress import active_driver
+
+        self.ended = decision.reason
+        self.decisions.append({"trial": None, "trial_id": None, "family": None, "phase": decision.phase,
+                               "reason": decision.reason, "families": self.policy.snapshot()})
+        print(f"budget: {decision.reason}; no more trials", flush=True)
+        self._publish()
+        driver = active_driver(self.sweep) if self.sweep else None
+        if driver is not None:
+            driver.converged = decision.reason
 
     def _tell_default(self, key: str, result: dict | None, error: bool) -> None:
         """The default trial's outcome as a trial of its family's Optuna study (if its values fit the space)."""
@@ -243,9 +358,9 @@ class FamilyBudgetSearch(Searcher):
 
     def _news(self, decision: Decision) -> list[str]:
         """Lines for what this decision changes in the plan (nothing when it follows the plan already said)."""
-        stalled = tuple(self.policy.stalled()) if decision.phase == "budget" else ()
-        leader = self.policy.leader() if len(stalled) == len(self.policy.order) else None
-        plan = (decision.phase, stalled, leader)
+        searching = decision.phase in ("cover", "budget")  # interleaved: one plan, said once
+        stalled = tuple(self.policy.stalled()) if searching else ()
+        plan = ("search" if searching else decision.phase, stalled)
         lines = [f"budget: {_plan_line(decision, stalled, self.policy)}"] if plan != self._said else []
         self._said = plan
         outside = self.defaults[decision.family].outside if decision.phase == "default" else []
@@ -283,14 +398,11 @@ def _plan_line(decision: Decision, stalled: tuple, policy: BudgetPolicy) -> str:
         return f"each family's default configuration first, the baseline tuning has to beat: {', '.join(policy.order)}"
     if decision.phase == "warm_start":
         return "warm-start points next, each from its family's search"
-    if decision.phase == "even_start":
-        return f"an even start: {policy.even_start} trials per family before results steer the budget"
+    unit = "seconds" if policy.by_time else "trials"
     if not stalled:
-        return (f"trials go to the families still improving (best up by more than {policy.delta:g} over their "
-                f"last {policy.after} finished trials), fewest trials first; all are improving")
-    if len(stalled) == len(policy.order):
-        return (f"every family has stalled (no gain above {policy.delta:g} over its last {policy.after} finished "
-                f"trials): trials go to the best so far, {policy.leader()}")
+        return (f"each family's first trials cover its space (Sobol points) before its search models it (TPE); "
+                f"trials go to the families still improving (best up by more than {policy.delta:g} over their last "
+                f"{policy.after} finished trials), least {unit} spent first; all are improving")
     bests = ", ".join(f"{k} (best {_fmt(policy.best(k))})" for k in stalled)
     moving = ", ".join(k for k in policy.order if k not in stalled)
     return (f"stalled, no gain above {policy.delta:g} over their last {policy.after} finished trials: {bests}; "

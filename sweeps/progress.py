@@ -36,6 +36,7 @@ class _Driver:
     lines: list[str] = field(default_factory=list)
     trials: list = field(default_factory=list)
     budget_spent: bool = False  # set by SweepBudget when the time budget ended the sweep
+    converged: str | None = None  # set by the budget searcher when the search converged: why
 
 
 _DRIVERS: dict[str, _Driver] = {}

@@ -91,6 +91,8 @@ def results_table(spec: SweepSpec, trials: list, runs: list):
             k: v for k, v in (t.last_result or {}).items() if k.startswith(("val_", "test_"))}
         if row["status"] not in ("completed", "stopped_early"):
             metrics = {}  # a failed attempt's partial metrics are not a result
+        elif row["status"] == "stopped_early":
+            metrics = _last_reported(metrics, t.last_result or {})
         row.update({k: metrics[k] for k in sorted(metrics) if k.startswith(("val_", "test_"))})
         for k in ("train_seconds", "epochs_run", "best_epoch"):
             if run is not None and k in run.data.metrics:
@@ -104,6 +106,19 @@ def results_table(spec: SweepSpec, trials: list, runs: list):
     if not table.empty and spec.metric in table:
         table = table.sort_values(spec.metric, ascending=spec.mode == "min", na_position="last", kind="stable")
     return table.reset_index(drop=True)
+
+
+def _last_reported(metrics: dict, last_result: dict) -> dict:
+    """A stopped trial's figures: the val_* of the last epoch it reported (MLflow's epoch_val_* of its run,
+    else Tune's last result), where its run has no final val_* (it never reached its final evaluation)."""
+    out = dict(metrics)
+    for k, v in metrics.items():
+        if k.startswith("epoch_val_"):
+            out.setdefault(k[len("epoch_"):], v)
+    for k, v in last_result.items():
+        if k.startswith("val_") and isinstance(v, (int, float)) and v == v:
+            out.setdefault(k, v)
+    return out
 
 
 def _reconcile(client, exp_id: str, parent: str, trials: list) -> list:

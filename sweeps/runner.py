@@ -101,7 +101,10 @@ def _run(plan: SweepPlan, address: str | None, experiment_fn: Callable | None, t
                 _stop_if_store_lost(plan, endpoint)
                 table = collect_results(plan.spec, _bookkeeping(endpoint, plan), parent, driver.trials, plan.out_dir)
             analyze_finished_sweep(plan.spec, _bookkeeping(endpoint, plan), plan.out_dir)
-            status = _end_status(plan, driver, timings["fit_end"] - timings["fit_start"], endpoint.lost)
+            status, ended_by = _end_status(plan, driver, timings["fit_end"] - timings["fit_start"], endpoint.lost)
+            table.attrs["ended_by"] = ended_by
+            with contextlib.suppress(Exception):  # the sweep itself is done; only the tag is lost
+                _bookkeeping(endpoint, plan).set_tag(parent, ENDED_TAG, ended_by)
         except KeyboardInterrupt:
             status = "KILLED"
             close_unfinished_runs(_bookkeeping(endpoint, plan), parent)
@@ -116,6 +119,9 @@ def _run(plan: SweepPlan, address: str | None, experiment_fn: Callable | None, t
     table.attrs["status"] = status  # FINISHED, or KILLED when interrupted (resume with --resume)
     table.attrs["out_dir"] = str(plan.out_dir)
     return table
+
+
+ENDED_TAG = "carclf.sweep_ended_by"  # on the parent run: num_samples, time_budget, converged or interrupted
 
 
 def _warm_start(plan: SweepPlan, earlier: str | None, top: int):
@@ -165,16 +171,23 @@ def _resume_hint(plan: SweepPlan, what: str) -> None:
               "--resume", flush=True)
 
 
-def _end_status(plan: SweepPlan, driver, fit_seconds: float, lost: str | None = None) -> str:
-    """FINISHED, or KILLED when Ctrl-C, SIGTERM or a lost tracking server cut the sweep short (with a resume hint)."""
+def _end_status(plan: SweepPlan, driver, fit_seconds: float, lost: str | None = None) -> tuple[str, str]:
+    """(FINISHED, or KILLED when Ctrl-C, SIGTERM or a lost tracking server cut the sweep short (with a resume
+    hint); what ended it: interrupted, converged, time_budget or num_samples), said in a line."""
     trials = driver.trials
-    if lost or _interrupted(plan.spec, trials, fit_seconds, driver.budget_spent):
+    if lost or _interrupted(plan.spec, trials, fit_seconds, driver.budget_spent, bool(driver.converged)):
         _resume_hint(plan, f"was interrupted after {len(trials)} of {plan.spec.num_samples} trials")
-        return "KILLED"
-    if len(trials) < plan.spec.num_samples:
-        print(f"sweep {plan.name!r}: its time budget ({plan.spec.time_budget_s:g} s) ended it after {len(trials)} of "
-              f"{plan.spec.num_samples} trials", flush=True)
-    return "FINISHED"
+        return "KILLED", "interrupted"
+    if len(trials) >= plan.spec.num_samples:
+        print(f"sweep {plan.name!r}: ended after its num_samples ({plan.spec.num_samples}) trials", flush=True)
+        return "FINISHED", "num_samples"
+    if driver.converged and not driver.budget_spent:
+        print(f"sweep {plan.name!r}: the search converged after {len(trials)} of {plan.spec.num_samples} trials, "
+              f"before its time budget was spent ({driver.converged})", flush=True)
+        return "FINISHED", "converged"
+    print(f"sweep {plan.name!r}: its time budget ({plan.spec.time_budget_s:g} s) was spent after {len(trials)} of "
+          f"{plan.spec.num_samples} trials", flush=True)
+    return "FINISHED", "time_budget"
 
 
 def cli_sweep(args) -> int:

@@ -321,7 +321,25 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     except TrialStopped:
         _mark_stopped(_mlflow_client(ctx.tracking_uri), reporter.run_id, reporter.epochs)
         raise SystemExit(0) from None
-    tune.report(_final_metrics(result, label, reporter.epochs, ctx.spec.objective_names))
+    row = _final_metrics(result, label, reporter.epochs, ctx.spec.objective_names)
+    if not network:
+        row.update(_saturation(ctx, result.run_id))
+    tune.report(row)
+
+
+def _saturation(ctx: TrialContext, run_id: str | None) -> dict:
+    """{"saturated_at": C} when the trial's SVM is the same model for every C from C on (the budget's search
+    then looks below it), else {}."""
+    from carclf.svm import SATURATED_TAG
+
+    if not run_id:
+        return {}
+    try:
+        value = _mlflow_client(ctx.tracking_uri).get_run(run_id).data.tags.get(SATURATED_TAG)
+        return {} if value is None else {"saturated_at": float(value)}
+    except Exception as e:  # noqa: BLE001 - the search goes on without the hint
+        log.warning("could not read whether trial run %s is saturated: %s", run_id, e)
+        return {}
 
 
 class FinishRunOnStop:

@@ -50,14 +50,23 @@ def make_trainable(ctx: TrialContext):
 
 
 class NetworkASHA(ASHAScheduler):
-    """ASHA for network trials only: an SVM reports once, at the end, and never competes on a rung."""
+    """ASHA for network trials only: an SVM reports once, at the end, and never competes on a rung.
 
-    def __init__(self, *, network_models: set[str], **kw):
+    Nor does a probe (`model.finetune: probe`): its epochs run on cached features in milliseconds, so
+    stopping one saves nothing and loses its result. `finetune` maps each family to its finetune mode
+    when not searched; a searched one is read from the trial's config.
+    """
+
+    def __init__(self, *, network_models: set[str], finetune: dict[str, str] | None = None, **kw):
         super().__init__(**kw)
         self.network_models = set(network_models)
+        self.finetune = dict(finetune or {})
 
     def _is_network(self, trial) -> bool:
-        return trial.config.get("model") in self.network_models
+        key = trial.config.get("model")
+        if key not in self.network_models:
+            return False
+        return trial.config.get(f"{key}.finetune", self.finetune.get(key)) != "probe"
 
     def on_trial_result(self, tune_controller, trial, result):
         if not self._is_network(trial):
@@ -82,7 +91,8 @@ def _tuner(spec: SweepSpec, name: str, storage: str, trainable, callback, restor
     networks = {k for k in spec.models if spec.is_network(k)}
     if spec.scheduler is not None and networks:
         s = spec.scheduler
-        scheduler = NetworkASHA(network_models=networks, time_attr="training_iteration", metric=spec.metric,
+        scheduler = NetworkASHA(network_models=networks, finetune=_finetune(spec, networks),
+                                time_attr="training_iteration", metric=spec.metric,
                                 mode=spec.mode,
                                 grace_period=s.grace_period, reduction_factor=s.reduction_factor,
                                 max_t=s.max_t or _max_epochs(spec, searcher))
@@ -106,6 +116,13 @@ class _StatusWhileRunning(tune.CLIReporter):
 
     def should_report(self, trials, done: bool = False) -> bool:
         return not done and super().should_report(trials, done)
+
+
+def _finetune(spec: SweepSpec, networks: set[str]) -> dict[str, str]:
+    """Each network family's finetune mode before search (the base's and its own config's)."""
+    from carclf.config import validate_run_config
+
+    return {k: validate_run_config(spec.base_config(k)).model.finetune for k in networks}
 
 
 def _max_epochs(spec: SweepSpec, searcher) -> int:
@@ -133,15 +150,17 @@ def _env(**values: str) -> Iterator[None]:
 _ray_session = ray_session  # the name this module used before the session moved to sweeps.session
 
 
-def _interrupted(spec: SweepSpec, trials: list, fit_seconds: float, budget_spent: bool = False) -> bool:
-    """Ctrl-C ends Tuner.fit() normally: a sweep short of trials within its time budget was interrupted.
+def _interrupted(spec: SweepSpec, trials: list, fit_seconds: float, budget_spent: bool = False,
+                 converged: bool = False) -> bool:
+    """Ctrl-C ends Tuner.fit() normally: a sweep short of trials within its time budget was interrupted,
+    unless its search converged.
 
     `budget_spent`: the budget's stopper said it ran out (over all runs of a resumed sweep).
     """
     if any(t.status not in ("TERMINATED", "ERROR") for t in trials):
         return True
     budget_spent = budget_spent or (spec.time_budget_s is not None and fit_seconds >= spec.time_budget_s)
-    return len(trials) < spec.num_samples and not budget_spent
+    return len(trials) < spec.num_samples and not budget_spent and not converged
 
 
 def fit(spec: SweepSpec, name: str, storage: str, ctx: TrialContext, address: str | None,

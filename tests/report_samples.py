@@ -35,8 +35,10 @@ def sample_trials() -> pd.DataFrame:
 CLASSES = ["bus", "sedan", "van"]
 
 
-def sample_family(model: str, error_rate: float, seeds: int = 3, n: int = 90) -> FamilyRetest:
+def sample_family(model: str, error_rate: float, seeds: int = 3, n: int = 90, val: float | None = None) -> FamilyRetest:
+    """`val`: each retest's validation macro-F1 (default 1 - error_rate: validation agrees with test)."""
     y = np.arange(n) % 3
+    val = 1.0 - error_rate if val is None else val
     fam = FamilyRetest(model=model, trial_run_id=f"trial-{model}", trial_id="t", val_metric=0.8,
                        config=RunConfig(model={"name": "svm" if model == "svm" else "simple_cnn"}))
     for s in range(seeds):
@@ -45,7 +47,7 @@ def sample_family(model: str, error_rate: float, seeds: int = 3, n: int = 90) ->
         wrong = rng.random(n) < error_rate
         pred[wrong] = (y[wrong] + 1) % 3
         fam.runs.append(SeedRun(run_id=f"{model}-{s}", seed=s, y_true=y, pred=pred, test_metrics={},
-                                val_metrics={}, train_seconds=2.0 + s, infer_seconds_per_image=0.001,
+                                val_metrics={"f1_macro": val}, train_seconds=2.0 + s, infer_seconds_per_image=0.001,
                                 n_params=1000, size_mb=0.5, classes=CLASSES, test_hash="h"))
     return fam
 

@@ -124,8 +124,8 @@ def test_every_quickstart_command_of_the_readme_works_as_written(tmp_path, monke
     assert "Downloading artifacts" not in everything and "View run" not in everything  # MLflow's own output
     sweep = outputs["sweep sweeps/quickstart.yaml"]
     assert "start it with `carclf ui`" in sweep and "viewStateShareKey=carclf-sweep-quickstart" in sweep
-    assert "Winner: " in outputs["report quickstart"]
+    assert "Winner, chosen on validation: " in outputs["report quickstart"]
     page = (project / "results" / "quickstart" / "report" / "report.html").read_text(encoding="utf-8")
-    assert "Winner: " in page and "<h2>Images per class and split</h2>" in page
+    assert "Winner, chosen on validation: " in page and "<h2>Images per class and split</h2>" in page
     assert "carclf-best v1 = the report's winner" in outputs["promote quickstart"]
     assert (project / "preds.csv").is_file()

@@ -108,15 +108,20 @@ def test_report_names_the_winner_on_the_page_in_the_summary_and_on_its_run(sweep
     client, report = _client(sweeps), sweeps.good
     out = sweeps.root / "results" / "good" / "report"
     table = report.table.set_index("model")
-    best = table["test_f1_macro"].idxmax()  # the selection metric's test counterpart, mean over seeds
+    best = table["val_f1_macro_retest"].idxmax()  # the selection metric on validation, mean over the retests' seeds
     assert report.winner["model"] == best and report.winner["runner_up"] in table.index
-    assert report.winner["value"] == pytest.approx(table.loc[best, "test_f1_macro"])
+    assert report.winner["chosen_by"] == "val_f1_macro_retest"
+    assert report.winner["value"] == pytest.approx(table.loc[best, "test_f1_macro"])  # the outcome
     page = (out / "report.html").read_text()
-    assert f"Winner: {best}, test_f1_macro {table.loc[best, 'test_f1_macro']:.3f}" in page
-    assert ("The difference is significant" in page) == report.winner["significant"]
+    assert f"Winner, chosen on validation: {best} (val_f1_macro_retest" in page
+    assert "val_f1_macro retests (chose the winner)" in page
+    assert ("Their test difference is significant" in page) == report.winner["significant"]
     assert json.loads((out / "report.json").read_text())["winner"]["model"] == best
     run = client.get_run(report.report_run_id)
-    assert run.data.tags["carclf.winner"] == best and run.data.tags["mlflow.note.content"].startswith("Winner:")
+    assert run.data.tags["carclf.winner"] == best
+    assert run.data.tags["mlflow.note.content"].startswith("Winner, chosen on validation:")
+    parent = client.get_run(report.info.parent_run_id)  # the sweep's own best, for the same reason
+    assert parent.data.tags["carclf.best_model"] == best
 
 
 @pytest.mark.slow

@@ -47,14 +47,37 @@ def test_pair_gain_is_best_minus_default_with_a_paired_interval_and_mcnemar():
     assert verdict(gain) == "gain"
 
 
-def test_verdicts_need_both_the_interval_and_mcnemar():
-    row = {"test_accuracy_gain_low": 0.01, "test_accuracy_gain_high": 0.1, "mcnemar_p": 0.2}
-    assert verdict(row) == "no measurable gain"
-    assert verdict({**row, "mcnemar_p": 0.01}) == "gain"
-    assert verdict({"test_accuracy_gain_low": -0.1, "test_accuracy_gain_high": -0.01, "mcnemar_p": 0.01}) == "loss"
-    assert verdict({"test_accuracy_gain_low": -0.02, "test_accuracy_gain_high": 0.05, "mcnemar_p": 0.01}) == \
-        "no measurable gain"
+def test_the_verdict_follows_the_interval_and_a_disagreeing_mcnemar_is_explained():
+    row = {"family": "svm", "test_accuracy_gain": 0.089, "test_accuracy_gain_low": 0.022,
+           "test_accuracy_gain_high": 0.178, "test_accuracy_best": 0.8, "test_accuracy_default": 0.711,
+           "mcnemar_p": 0.12, "only_best_right": 9, "only_default_right": 3}
+    assert verdict(row) == verdict({**row, "mcnemar_p": 0.01}) == "gain"
+    assert verdict({**row, "test_accuracy_gain_low": -0.1, "test_accuracy_gain_high": -0.01}) == "loss"
+    assert verdict({**row, "test_accuracy_gain_low": -0.02, "test_accuracy_gain_high": 0.05}) == "no measurable gain"
     assert verdict({**row, "same": True}) == "default was best"
+    # the case: an interval above 0 beside p=0.12 is a gain, and the sentence says why McNemar differs
+    text = gain_sentence(row, "accuracy")
+    assert "tuning gained +0.089 [+0.022, +0.178]" in text and "did not help" not in text
+    assert "McNemar's test does not confirm it on its own (p=0.12)" in text and "9 against 3" in text
+    assert "does not confirm" not in gain_sentence({**row, "mcnemar_p": 0.01}, "accuracy")
+    across = gain_sentence({**row, "test_accuracy_gain_low": -0.01, "mcnemar_p": 0.03}, "accuracy")
+    assert "no measurable difference (the accuracy interval includes 0)" in across and "does not bear out" in across
+
+
+def test_no_sentence_says_no_gain_beside_an_interval_above_0():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        low = rng.uniform(-0.2, 0.2)
+        row = {"family": "f", "test_accuracy_gain": low + 0.05, "test_accuracy_gain_low": low,
+               "test_accuracy_gain_high": low + 0.1, "test_accuracy_best": 0.8, "test_accuracy_default": 0.75,
+               "mcnemar_p": rng.uniform(0, 1), "only_best_right": 5, "only_default_right": 4}
+        text = gain_sentence(row, "accuracy")
+        if low > 0:
+            assert "gained" in text and "no measurable" not in text and "worse" not in text
+        elif low + 0.1 < 0:
+            assert "worse" in text and "gained" not in text
+        else:
+            assert "no measurable difference" in text
 
 
 def test_gain_table_per_family_and_overall_in_words():
@@ -67,7 +90,7 @@ def test_gain_table_per_family_and_overall_in_words():
     assert table.loc["svm_rbf", "sentence"].startswith("svm_rbf: tuning gained +0.")
     assert "accuracy" in table.loc["svm_rbf", "sentence"] and "McNemar p=" in table.loc["svm_rbf", "sentence"]
     assert table.loc["svm_linear", "verdict"] == "no measurable gain"
-    assert "tuning did not help measurably" in table.loc["svm_linear", "sentence"]
+    assert "tuning made no measurable difference" in table.loc["svm_linear", "sentence"]
     assert table.loc["cnn", "verdict"] == "no default" and np.isnan(table.loc["cnn"].get("test_accuracy_gain"))
     assert "no tuning gain shown" in table.loc["cnn", "sentence"] and "no default-configuration trial" in \
         table.loc["cnn", "sentence"]

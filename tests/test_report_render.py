@@ -40,10 +40,11 @@ def test_the_page_names_the_winner_first_with_its_interval_and_the_mcnemar_verdi
     fams = [sample_family("svm", 0.05, n=300), sample_family("simple_cnn", 0.5, n=300)]
     page, table = _page(tmp_path, fams)
     best = table.set_index("model").loc["svm"]
-    winner_at = page.index("Winner: svm")
+    winner_at = page.index("Winner, chosen on validation: svm")
     assert winner_at < page.index("<h2>Comparison")  # before every table
     assert f"[{best['test_f1_macro_ci_low']:.3f}, {best['test_f1_macro_ci_high']:.3f}]" in page[winner_at:]
-    assert "Runner-up: simple_cnn" in page and "The difference is significant" in page
+    assert "Runner-up on validation: simple_cnn" in page and "Their test difference is significant" in page
+    assert "val_f1_macro retests (chose the winner)" in page  # the table says which column chose
 
 
 def test_class_frequency_chart_and_one_titled_confusion_matrix_per_family(tmp_path):
@@ -98,5 +99,5 @@ def test_a_deterministic_family_says_retested_once_instead_of_a_spread_over_seed
     assert f"{row['test_accuracy']:.3f}\n[{row['test_accuracy_ci_low']:.3f}, " in svm_row  # ... the interval stays
     cnn_row = page[page.index("<td>simple_cnn</td>"):].split("</tr>")[0]
     assert " ± " in cnn_row
-    assert "deterministic: retested once, 95% bootstrap interval" in page  # the winner's sentence
+    assert "(val_f1_macro_retest 0.950, deterministic: retested once)" in page  # the winner's sentence
     assert page.index("<h2>Comparison") < page.index("<h2>Did tuning pay?</h2>") < page.index("<h2>Pairwise")

@@ -34,7 +34,8 @@ def check_front(pareto: pd.DataFrame, objectives) -> None:
 
 
 @pytest.mark.slow
-def test_importance_and_history_agree_with_the_trials_in_mlflow(pareto_sweep, pareto_uri, run_artifacts):
+def test_importance_and_history_agree_with_the_trials_in_mlflow(pareto_sweep, pareto_uri, run_artifacts, monkeypatch):
+    monkeypatch.setattr("sweeps.analysis.MIN_IMPORTANCE_TRIALS", 2)  # a tiny sweep: rank its few trials anyway
     analysis = analyze_sweep(pareto_sweep.name)
     values = finished_values(pareto_uri, pareto_sweep.parent_run_id, "val_f1_macro")
     runs = MlflowClient(pareto_uri).search_runs(
@@ -120,7 +121,8 @@ def _trial(i, family, value, latency, **params):
                       params={k.replace("_", ".", 1): str(v) for k, v in params.items()})
 
 
-def test_a_single_objective_sweep_draws_its_front_against_inference_time():
+def test_a_single_objective_sweep_draws_its_front_against_inference_time(monkeypatch):
+    monkeypatch.setattr("sweeps.analysis.MIN_IMPORTANCE_TRIALS", 2)
     spec = validate_sweep_spec({"base": {"data": {"image_size": 32}},
                                 "models": {"svm": {"space": {"kernel": "linear"}}, "simple_cnn": {}}})
     trials = [_trial(0, "svm", 0.5, 2.0, svm_C=1.0), _trial(1, "svm", 0.7, 3.0, svm_C=10.0),
@@ -137,8 +139,28 @@ def test_too_few_trials_give_a_reason_not_an_importance():
     spec = validate_sweep_spec({"base": {"data": {"image_size": 32}}, "models": {"svm": {"space": {"kernel": "rbf"}}}})
     analysis = analyze(spec, [_trial(0, "svm", 0.5, 2.0, svm_C=1.0, svm_gamma=0.1)], "one")
     family = analysis.families["svm"]
-    assert family.importance.empty and any("two finished trials" in n for n in family.notes)
+    assert family.importance.empty and any("too few trials (1) to rank parameters" in n for n in family.notes)
     assert family.history["best_so_far"].tolist() == [0.5]
+
+
+def test_importance_is_withheld_below_the_threshold_and_given_from_it_in_every_view():
+    from sweeps.analysis import MIN_IMPORTANCE_TRIALS, _show
+
+    spec = validate_sweep_spec({"base": {"data": {"image_size": 32}},
+                                "models": {"svm": {"space": {"kernel": "linear", "C": {"low": 0.01, "high": 100.0,
+                                                                                          "log": True}}}}})
+    rng = np.random.default_rng(0)
+    cs = 10 ** rng.uniform(-2, 2, MIN_IMPORTANCE_TRIALS)
+    trials = [_trial(i, "svm", 0.5 + 0.1 * np.log10(c), 2.0, svm_C=c) for i, c in enumerate(cs)]
+    few = analyze(spec, trials[:MIN_IMPORTANCE_TRIALS - 1], "few")
+    family = few.families["svm"]
+    said = f"too few trials ({MIN_IMPORTANCE_TRIALS - 1}) to rank parameters"
+    assert family.importance.empty and "importance" not in family.figures
+    assert said in _show(few) and "importance (PED-ANOVA)" not in _show(few)  # carclf analyze's lines
+    assert any(said in n for n in few.summary()["families"]["svm"]["notes"])  # what the parent run and report read
+    enough = analyze(spec, trials, "enough")
+    assert list(enough.families["svm"].importance["param"]) == ["svm.C"]
+    assert "importance (PED-ANOVA): C 1.00" in _show(enough)
 
 
 def test_space_point_gives_back_what_the_space_drew():

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweeps.budget import BUDGET_FILE, BudgetPolicy, budget_search, is_stalled
+from sweeps.budget import BUDGET_FILE, BudgetPolicy, FamilyBudgetSearch, budget_search, is_stalled
 from sweeps.defaults import default_config, default_trial
 from sweeps.progress import sweep_progress
 from sweeps.spec import validate_sweep_spec
@@ -49,7 +49,13 @@ def _drive(searcher, score, n: int, lag: int = 1, configs: list | None = None) -
     running = []
     for i in range(len(configs), n):
         config = searcher.suggest(f"t{i}")
+        while config is None and running:  # every family stalled: the search waits for a running trial
+            trial_id, done = running.pop(0)
+            searcher.on_trial_complete(trial_id, {"val_f1_macro": score(done, configs)})
+            config = searcher.suggest(f"t{i}")
         configs.append(config)
+        if config == searcher.FINISHED:
+            break
         running.append((f"t{i}", config))
         if len(running) >= lag:
             trial_id, done = running.pop(0)
@@ -78,20 +84,20 @@ def test_a_family_has_stalled_when_its_best_did_not_move_over_its_last_finished_
     assert is_stalled([0.3, 0.31, 0.3], "min", after=2) and not is_stalled([0.3, 0.2, 0.3], "min", after=2)
 
 
-def test_the_policy_plans_defaults_then_warm_starts_then_an_even_start():
+def test_the_policy_plans_defaults_then_warm_starts_then_gives_the_least_spent_family_its_cover():
     policy = BudgetPolicy(["a", "b", "c"], "max", [("default", "a"), ("default", "b"), ("default", "c"),
-                                                   ("warm_start", "b")], even_start=2)
+                                                   ("warm_start", "b")], cover={"a": 2, "b": 3, "c": 2})
     order = []
-    for _ in range(7):
+    for _ in range(8):
         decision = policy.next()
         policy.started(decision.family)
         order.append((decision.phase, decision.family))
     assert order == [("default", "a"), ("default", "b"), ("default", "c"), ("warm_start", "b"),
-                     ("even_start", "a"), ("even_start", "c"), ("budget", "a")]
+                     ("cover", "a"), ("cover", "c"), ("cover", "b"), ("budget", "a")]
 
 
-def test_a_stalled_family_gets_trials_only_after_the_moving_ones_and_the_leader_when_all_stall():
-    policy = BudgetPolicy(["a", "b"], "max", even_start=0, after=2)
+def test_a_stalled_family_gets_trials_only_after_the_moving_ones_and_the_search_converges_when_all_stall():
+    policy = BudgetPolicy(["a", "b"], "max", cover=1, after=2)
     for key, values in {"a": [0.7, 0.7, 0.7], "b": [0.4, 0.5, 0.6]}.items():
         for v in values:
             policy.started(key)
@@ -100,32 +106,75 @@ def test_a_stalled_family_gets_trials_only_after_the_moving_ones_and_the_leader_
     decision = policy.next()
     assert (decision.family, decision.phase) == ("b", "budget") and "stalled: a" in decision.reason
     policy.finished("b", 0.6)
-    policy.finished("b", 0.6)  # now b has stalled too: the better best goes on
+    policy.started("b")
+    policy.started("b")
+    policy.finished("b", 0.6)
+    decision = policy.next()  # b gained nothing in its last 2 but a trial of it still runs: wait for it
+    assert decision.family is None and decision.phase == "budget"
+    policy.finished("b", 0.6)
     decision = policy.next()
-    assert decision.family == "a" and "every family has stalled" in decision.reason
+    assert decision.family is None and decision.phase == "converged" and "every family has stalled" in decision.reason
+
+
+def test_a_family_is_not_called_stalled_during_its_cover():
+    policy = BudgetPolicy(["a"], "max", cover=5, after=2)
+    for _ in range(4):
+        policy.started("a")
+        policy.finished("a", 0.7)
+    assert policy.stalled() == [] and policy.next().phase == "cover"
+
+
+def test_a_family_whose_trials_were_all_the_same_model_is_not_stalled():
+    policy = BudgetPolicy(["svm"], "max", cover=1, after=2)
+    policy.started("svm")
+    policy.finished("svm", 0.7)
+    for _ in range(6):  # saturated SVMs at larger C: the same model each time, copied, not trained
+        policy.started("svm")
+        policy.finished("svm", 0.7, repeat=True)
+    assert policy.stalled() == []
+    decision = policy.next()
+    assert decision.family == "svm" and decision.phase == "budget"
+    assert policy.snapshot()["svm"]["repeats"] == 6 and not policy.snapshot()["svm"]["stalled"]
+
+
+def test_under_a_time_budget_the_family_spent_least_seconds_goes_next():
+    policy = BudgetPolicy(["cheap", "dear"], "max", cover=1, by_time=True)
+    for key, seconds in (("cheap", 2.0), ("dear", 60.0)):
+        policy.started(key)
+        policy.finished(key, 0.5, seconds=seconds)
+    picks = []
+    for _ in range(10):
+        key = policy.next().family
+        picks.append(key)
+        policy.started(key)
+        policy.finished(key, 0.5 + 0.01 * len(picks), seconds=2.0 if key == "cheap" else 60.0)
+    assert picks == ["cheap"] * 10  # 29 cheap trials cost what one dear trial does
+    assert "least seconds spent" in policy.next().reason
 
 
 # ---------------------------------------------------------------------- the searcher
 
 
 def test_a_moving_family_gets_more_trials_than_a_stalled_one_within_num_samples_and_each_decision_is_logged(capsys):
-    spec = _two_svms(num_samples=12)
-    searcher = budget_search(spec, sweep="budget-test")
+    spec = _two_svms(num_samples=30)
+    searcher = FamilyBudgetSearch(spec, sweep="budget-test", after=2)
     client = _Client()
     with sweep_progress("budget-test", spec, client, "parent1", resumed=False):
-        configs = _drive(searcher, _flat_and_moving, 12, lag=2)  # two trials at once
-        assert searcher.suggest("t12") == searcher.FINISHED
+        configs = _drive(searcher, _flat_and_moving, 30, lag=2)  # two trials at once
+        assert searcher.suggest("t30") == searcher.FINISHED
     counts = {key: sum(c["model"] == key for c in configs) for key in spec.models}
-    assert counts["moving"] > counts["flat"] and sum(counts.values()) == 12
+    assert counts["moving"] > counts["flat"] and sum(counts.values()) == 30
     assert [c["model"] for c in configs[:2]] == ["flat", "moving"] and all(c["baseline"] for c in configs[:2])
     assert not any(c.get("baseline") for c in configs[2:])
 
     lines = [json.loads(line) for line in client.files[f"parent1/{BUDGET_FILE}"].splitlines()]
-    assert [d["trial"] for d in lines] == list(range(1, 13))
+    assert [d["trial"] for d in lines] == list(range(1, 31))
     assert [d["family"] for d in lines] == [c["model"] for c in configs]
-    assert [d["phase"] for d in lines[:4]] == ["default", "default", "even_start", "even_start"]
+    assert [d["phase"] for d in lines[:4]] == ["default", "default", "cover", "cover"]
+    # flat: its default and 4 cover points (one searched dimension), then 2 more to be judged stalled
+    assert sum(d["phase"] == "cover" and d["family"] == "flat" for d in lines) == 4
     last = lines[-1]["families"]
-    assert last["flat"]["stalled"] and last["flat"]["best"] == 0.6
+    assert last["flat"]["stalled"] and last["flat"]["best"] == 0.6 and last["flat"]["cover"] == 5
     assert last["flat"]["trials"] == counts["flat"] and last["moving"]["trials"] == counts["moving"]
     # decisions use the trials finished so far: the last two were still running (given, not yet results)
     for key in spec.models:
@@ -134,7 +183,61 @@ def test_a_moving_family_gets_more_trials_than_a_stalled_one_within_num_samples_
     out = capsys.readouterr().out
     assert "budget: each family's default configuration first" in out
     assert "stalled, no gain above 0.005 over their last 2 finished trials: flat (best 0.6000)" in out
-    assert out.count("budget: ") < 12  # a printed line per change of plan, not per trial
+    assert out.count("budget: ") < 30  # a printed line per change of plan, not per trial
+
+
+def test_the_search_ends_when_every_family_has_stalled_and_tells_the_driver(capsys):
+    spec = _two_svms(num_samples=200)
+    searcher = FamilyBudgetSearch(spec, sweep="flat-test", after=2)
+    client = _Client()
+    with sweep_progress("flat-test", spec, client, "parent1", resumed=False) as driver:
+        configs = _drive(searcher, lambda config, configs: 0.6, 200)
+        assert "converged" in (driver.converged or "")
+    asked = [c for c in configs if isinstance(c, dict)]
+    assert len(asked) < 40 and configs[len(asked)] == searcher.FINISHED
+    lines = [json.loads(line) for line in client.files[f"parent1/{BUDGET_FILE}"].splitlines()]
+    assert lines[-1]["phase"] == "converged" and all(f["stalled"] for f in lines[-1]["families"].values())
+    assert "the search has converged" in capsys.readouterr().out
+
+
+def test_under_one_time_budget_a_cheap_family_gets_more_trials_than_an_expensive_one():
+    models = {"cheap": {"model": "svm", "space": {"kernel": "linear", "C": {"low": 0.01, "high": 100.0, "log": True}}},
+              "dear": {"model": "svm", "space": {"kernel": "linear", "C": {"low": 0.01, "high": 100.0, "log": True}}}}
+    spec = _spec(models, num_samples=500, time_budget_s=600)
+    searcher = budget_search(spec)
+    seconds = {"cheap": 2.0, "dear": 40.0}
+    clock, counts, i = 0.0, {"cheap": 0, "dear": 0}, 0
+    while clock < spec.time_budget_s:  # one trial at a time: the sweep's wall time is the trials' sum
+        config = searcher.suggest(f"t{i}")
+        key = config["model"]
+        counts[key] += 1
+        clock += seconds[key]
+        # both keep improving, so neither stalls: only cost decides
+        searcher.on_trial_complete(f"t{i}", {"val_f1_macro": 0.5 + 0.01 * i, "time_total_s": seconds[key]})
+        i += 1
+    assert counts["cheap"] >= 5 * counts["dear"] and counts["dear"] >= 5  # the dear one had its cover
+    assert i < spec.num_samples  # num_samples only bounds: the time was spent first
+    budget_line = next(d for d in searcher.decisions if d["phase"] == "budget")
+    assert "least seconds spent" in budget_line["reason"] and budget_line["families"]["dear"]["mean_s"] == 40.0
+
+
+def test_a_saturated_svm_sends_its_familys_search_below_the_saturation_point(capsys):
+    spec = _spec({"lin": {"model": "svm", "space": {"kernel": "linear", "C": {"low": 1e-4, "high": 100.0, "log": True}}}},
+                 num_samples=40)
+    searcher = FamilyBudgetSearch(spec, after=2)
+    saturated_at = 0.5  # every C from 0.5 on is one model
+    asked = []
+    for i in range(7):  # all score 0.7: the search converges after these (its cover and 2 more)
+        config = searcher.suggest(f"t{i}")
+        asked.append(config["lin.C"])
+        repeat = sum(c >= saturated_at for c in asked[:-1]) > 0 and config["lin.C"] >= saturated_at
+        result = {"val_f1_macro": 0.7}
+        if config["lin.C"] >= saturated_at:
+            result.update(saturated_at=saturated_at, equivalent=int(repeat))
+        searcher.on_trial_complete(f"t{i}", result)
+    # the first saturated trial (the default, C=1) queued a point below it; it came right after the cover
+    assert 1e-4 < asked[5] < saturated_at
+    assert "its search tries C=" in capsys.readouterr().out
 
 
 def test_the_searcher_saved_mid_sweep_and_restored_goes_on_exactly_as_without_the_interruption(tmp_path):
@@ -166,10 +269,13 @@ def test_the_default_trial_is_told_to_its_familys_study_only_when_it_lies_inside
     assert "outside's default lies outside its searched space (C=1.0 (outside range [10, 1000]))" in out
     for trial_id in ("d1", "d2"):
         searcher.on_trial_complete(trial_id, {"val_f1_macro": 0.7})
-    (told,) = searcher.searchers["inside"]._ot_study.trials
+    def ran(key):  # the study's trials, less the cover points queued in it (WAITING)
+        return [t for t in searcher.searchers[key]._ot_study.trials if t.state != optuna.trial.TrialState.WAITING]
+
+    (told,) = ran("inside")
     assert told.state == optuna.trial.TrialState.COMPLETE and told.params == {"inside.C": 1.0}
     assert told.value == 0.7 and told.user_attrs == {"baseline": True}
-    assert searcher.searchers["outside"]._ot_study.trials == []
+    assert ran("outside") == []
     # the family's search goes on without errors from either
     for i in range(4):
         config = searcher.suggest(f"t{i}")

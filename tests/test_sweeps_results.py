@@ -58,6 +58,20 @@ def test_one_row_per_trial_from_the_run_that_represents_it():
     assert table.loc[table["baseline"], "trial_id"].tolist() == ["t0"] and rows.loc["t0", "lr"] == 0.001
 
 
+def test_a_stopped_trials_row_shows_the_last_figure_it_reported():
+    spec = validate_sweep_spec(SPEC)
+    cnn = {"model": "simple_cnn", "simple_cnn.lr": 0.01, "simple_cnn.epochs": 2}
+    stopped = {"carclf.stopped_early": "after epoch 3"}
+    trials = [_trial("t1", cnn), _trial("t2", cnn, last_result={"val_f1_macro": 0.41, "training_iteration": 3})]
+    # stopped before its final evaluation: the run has only the per-epoch figures (epoch_val_*)
+    runs = [_run("r1", "t1", "KILLED", 1, {"epoch_val_f1_macro": 0.55, "epoch_val_accuracy": 0.6}, stopped),
+            _run("r2", "t2", "KILLED", 2, {}, stopped)]
+    rows = results_table(spec, trials, runs).set_index("trial_id")
+    assert rows.loc["t1", "status"] == "stopped_early"
+    assert rows.loc["t1", "val_f1_macro"] == 0.55 and rows.loc["t1", "val_accuracy"] == 0.6
+    assert rows.loc["t2", "val_f1_macro"] == 0.41  # nothing in MLflow: Tune's last result
+
+
 def test_a_sweep_without_trials_gives_an_empty_table():
     assert results_table(validate_sweep_spec(SPEC), [], []).empty
 

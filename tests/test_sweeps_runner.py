@@ -68,6 +68,7 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, tracked, demo_dir
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["carclf.role"] == "sweep" and parent.data.tags["carclf.sweep"] == "six"
+    assert table.attrs["ended_by"] == parent.data.tags["carclf.sweep_ended_by"] == "num_samples"
 
     runs = _children(tracked, parent.info.run_id)
     assert len(runs) == 6

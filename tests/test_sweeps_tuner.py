@@ -28,6 +28,25 @@ def test_asha_leaves_svm_trials_alone():
     assert "s1" not in asha._trial_info
 
 
+def test_asha_never_stops_a_probe_trial_fixed_or_searched():
+    asha = NetworkASHA(network_models={"probe", "mixed"}, finetune={"probe": "probe", "mixed": "head"},
+                       time_attr="training_iteration", metric="val_f1_macro", mode="max", grace_period=1,
+                       max_t=8, reduction_factor=2)
+    trials = [SimpleNamespace(trial_id=f"p{i}", config={"model": "probe"}) for i in range(4)]
+    trials += [SimpleNamespace(trial_id="m1", config={"model": "mixed", "mixed.finetune": "probe"})]
+    heads = [SimpleNamespace(trial_id=f"h{i}", config={"model": "mixed", "mixed.finetune": "head"}) for i in range(4)]
+    for t in trials + heads:
+        asha.on_trial_add(None, t)
+    decisions = {}
+    for step in (1, 2, 4):  # a rung at each: the worst would be cut, were they not probes
+        for i, t in enumerate(trials + heads):
+            value = 0.9 - 0.2 * i if t in trials else 0.9 - 0.2 * heads.index(t)
+            decisions.setdefault(t.trial_id, set()).add(
+                asha.on_trial_result(None, t, {"val_f1_macro": value, "training_iteration": step}))
+    assert all(decisions[t.trial_id] == {asha.CONTINUE} for t in trials)
+    assert any(asha.STOP in decisions[t.trial_id] for t in heads)  # the same figures stop a head trial
+
+
 def test_a_sweep_short_of_trials_within_its_budget_was_interrupted():
     spec = _spec(num_samples=3, time_budget_s=60)
     done = [SimpleNamespace(status="TERMINATED"), SimpleNamespace(status="ERROR")]
@@ -35,6 +54,7 @@ def test_a_sweep_short_of_trials_within_its_budget_was_interrupted():
     assert not _interrupted(spec, done, fit_seconds=61)  # the time budget ended it
     assert not _interrupted(spec, done + [SimpleNamespace(status="TERMINATED")], fit_seconds=10)
     assert _interrupted(spec, done + [SimpleNamespace(status="RUNNING")], fit_seconds=61)  # a trial never ended
+    assert not _interrupted(spec, done, fit_seconds=10, converged=True)  # the search converged: it ended itself
 
 
 def test_two_objectives_make_a_multi_objective_search_per_family_that_prunes_a_trial_without_both():
@@ -49,7 +69,7 @@ def test_two_objectives_make_a_multi_objective_search_per_family_that_prunes_a_t
     assert all(isinstance(s, ParetoSearch) for s in searcher.searchers.values())
     for trial_id in ("default_cnn", "default_svm", "done", "stopped"):
         searcher.suggest(trial_id)
-    # the even start gives each family a sampled trial after its default: one per family here
+    # the cover gives each family a trial after its default, the least spent first: one per family here
     assert {searcher.trials[t]["family"] for t in ("done", "stopped")} == {"simple_cnn", "svm"}
     searcher.on_trial_complete("done", {"val_f1_macro": 0.8, "size_mb": 3.5})
     # a network stopped by ASHA ends on an epoch's result: no model size yet
@@ -58,7 +78,7 @@ def test_two_objectives_make_a_multi_objective_search_per_family_that_prunes_a_t
     for trial_id in ("done", "stopped"):
         study = searcher.searchers[searcher.trials[trial_id]["family"]]._ot_study
         assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-        (trial,) = study.trials
+        (trial,) = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]  # less queued cover points
         states[trial_id] = trial
     assert states["done"].state == optuna.trial.TrialState.COMPLETE and states["done"].values == [0.8, 3.5]
     assert states["stopped"].state == optuna.trial.TrialState.PRUNED

@@ -107,9 +107,12 @@ def test_the_search_runs_the_defaults_then_exactly_the_warm_start_points():
             assert cfg.svm.kernel == "linear" and ("svm.C" not in point or cfg.svm.C == point["svm.C"])
         else:
             assert cfg.train.lr == float(source.params["train.lr"]) and cfg.train.batch_size == 32
-    # then the sampler takes over, and num_samples ends the search
+    # then the family's cover points (sweeps.search), before its sampler models the space
+    from sweeps.search import cover_points, cover_size
+
     after = configs[-1]["model"]
-    assert "fixed_params" not in searcher.searchers[after]._ot_study.trials[asked[after]].system_attrs
+    cover = cover_points(spec, after, cover_size(spec, after), spec.seeds.sampler + list(spec.models).index(after))
+    assert searcher.searchers[after]._ot_study.trials[asked[after]].system_attrs["fixed_params"] == cover[0]
     assert searcher.suggest("trial7") != searcher.FINISHED and searcher.suggest("trial8") == searcher.FINISHED
 
 

@@ -29,8 +29,9 @@ from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pai
 from carclf.report.edges import edge_lines, edge_section, load_edge_warnings
 from carclf.report.gain import (TuningPair, default_retests, default_trials, defaults_summary, gain_metrics,
                                 gain_problems, gain_records, gain_section, gain_sentences, gain_table, retest_defaults)
-from carclf.report.render import (CONFUSION_PREFIX, REGISTERED_COLUMN, _with_intervals, figure_png, render_html,
-                                  report_figures)
+from carclf.report.gain import RULE as GAIN_RULE
+from carclf.report.render import (CONFUSION_PREFIX, REGISTERED_COLUMN, _with_intervals, chooser_header, figure_png,
+                                  render_html, report_figures)
 from carclf.report.retest import (REPRESENTATIVE_TAG, RETEST_SEEDS_TAG, TEST_HASH_TAG, FamilyRetest,
                                   check_same_test_split, retest_trial, run_manifest, run_test_hash)
 from carclf.report.selection import (ROLE_TAG, SWEEP_TAG, SweepInfo, parent_run, resolve_sweep, select_best,
@@ -39,6 +40,8 @@ from carclf.report.selection import (ROLE_TAG, SWEEP_TAG, SweepInfo, parent_run,
 log = logging.getLogger(__name__)
 
 SWEEP_PARENT_TAG = "carclf.sweep_parent_run_id"
+PARENT_BEST_TAG = "carclf.best_model"  # on the sweep's parent run: the report's winner once there is a report
+PARENT_BEST_BY_TAG = "carclf.best_model_chosen_by"
 WINNER_TAG = "carclf.winner"  # on the report run: the family the report names best (what promote marks)
 REPORT_FILES = {
     "table_csv": "comparison.csv", "table_parquet": "comparison.parquet", "mcnemar": "mcnemar.csv",
@@ -258,6 +261,7 @@ def _write_report(client, info, trials, families, pairs, report_run_id, out_dir,
     client.log_metric(report_run_id, RATE_METRIC, rate.rate)
     if best is not None:
         client.set_tag(report_run_id, WINNER_TAG, best["model"])
+        _name_parent_best(client, info, best)
     client.set_tag(report_run_id, "mlflow.note.content", " ".join([winner_sentence(best), *gain_sentences(gain)]))
     return ReportResult(info, report_run_id, out_dir, table, mcn, families, problems, files, best, remarks, gain,
                         pairs, edges, chance)
@@ -276,6 +280,16 @@ def _with_registered(table: pd.DataFrame, families: list[FamilyRetest]) -> pd.Da
     for name in ("accuracy", "f1_macro"):
         table[f"registered_test_{name}"] = [float(reps[m].get(name, math.nan)) for m in table["model"]]
     return table
+
+
+def _name_parent_best(client, info, best: dict[str, Any]) -> None:
+    """The sweep's parent run names the report's winner as its best model, for the same reason (validation over
+    the retests' seeds), replacing the running best the sweep tagged from single trials."""
+    try:
+        client.set_tag(info.parent_run_id, PARENT_BEST_TAG, best["model"])
+        client.set_tag(info.parent_run_id, PARENT_BEST_BY_TAG, f"{best['chosen_by']} (carclf report)")
+    except Exception as e:  # noqa: BLE001 - the report stands without the parent's tag
+        log.warning("could not name the winner on the sweep's parent run %s: %s", info.parent_run_id, e)
 
 
 def _split_counts(client, families: list[FamilyRetest]) -> pd.DataFrame:
@@ -313,8 +327,8 @@ def console_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     last (wrapped by carclf.console); report.html and comparison.csv hold every column."""
     shown = _with_intervals(table, metric)
     first = f"test {ranking_metric(metric)}"
-    order = ["model", metric, "seeds", first, *[c for c in shown.columns if c.startswith("test ") and c != first],
-             REGISTERED_COLUMN, "train s", "infer ms/img", "params", "size MB", "configuration"]
+    order = ["model", metric, chooser_header(metric), "seeds", first,
+             *[c for c in shown.columns if c.startswith("test ") and c != first], REGISTERED_COLUMN, "train s", "infer ms/img", "params", "size MB", "configuration"]
     return shown[[c for c in order if c in shown.columns]]
 
 
@@ -325,7 +339,7 @@ def cli_report(args) -> int:
     result = build_report(args.sweep, seeds=args.seeds, out=args.out, progress=True)
     metric = result.info.metric
     shown = console_table(result.table, metric)
-    kept = ("model", metric, "seeds", f"test {ranking_metric(metric)}", "configuration")
+    kept = ("model", chooser_header(metric), "seeds", f"test {ranking_metric(metric)}", "configuration")
     optional = [c for c in shown.columns if c not in kept]  # left out last first when the terminal is narrow
     print(fit_table(shown, wrap="configuration", optional=optional))
     if len(result.mcnemar):
@@ -333,7 +347,9 @@ def cli_report(args) -> int:
         print(fit_table(result.mcnemar[["model_a", "model_b", "accuracy_a_first_seed", "accuracy_b_first_seed",
                                         "only_a_right", "only_b_right", "p_holm", "significant"]]))
     print()
-    for text in [winner_sentence(result.winner), *gain_sentences(result.gain), *(f"note: {r}" for r in result.remarks),
+    rule = [f"tuning gain: {GAIN_RULE}"] if not result.gain.empty else []
+    for text in [winner_sentence(result.winner), *rule, *gain_sentences(result.gain),
+                 *(f"note: {r}" for r in result.remarks),
                  *(f"warning: {w}" for w in result.below_majority), *(f"warning: {p}" for p in result.problems),
                  *(f"warning: search range: {m}" for m in edge_lines(result.edge_warnings))]:
         print(wrapped(text))

@@ -7,6 +7,12 @@ Intervals are percentile bootstrap intervals over test images, paired across see
 draws the same images for every seed; the metric is averaged over seeds). McNemar's exact test
 compares the representative runs (the first seed) of every pair of models on the same test images.
 The statistics themselves are in carclf.stats; this module applies them to retested families.
+
+The winner is chosen on validation, as every other choice is: the family with the best mean over its
+retests' seeds of the sweep's selection metric on the validation split (`<metric>_retest`; the trial's
+own figure where a retest recorded none). Its test figures are the outcome, not the criterion: the
+table still shows every family's, and a sentence says so when test would have ordered the first two
+the other way.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ def comparison_table(families: list[FamilyRetest], metric: str, *, n_boot: int =
             continue
         y, preds, k = f.runs[0].y_true, f.preds, len(f.runs[0].classes)
         row: dict[str, Any] = {"model": f.model, "configuration": chosen_configuration(f.config),
-                               metric: f.val_metric, "seeds": len(f.runs), "deterministic": bool(f.deterministic)}
+                               metric: f.val_metric, retest_column(metric): retest_val(f, metric),
+                               "seeds": len(f.runs), "deterministic": bool(f.deterministic)}
         for name in TABLE_METRICS:
             values = [stats.seed_mean_metric(y, p, name, k) for p in preds]
             ci = stats.bootstrap_ci(y, preds, name, n_boot=n_boot, level=level, n_classes=k)
@@ -47,6 +54,19 @@ def comparison_table(families: list[FamilyRetest], metric: str, *, n_boot: int =
         })
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def retest_column(metric: str) -> str:
+    """The comparison table's column that chooses the winner: the selection metric's mean over the retests."""
+    return f"{metric}_retest"
+
+
+def retest_val(f: FamilyRetest, metric: str) -> float:
+    """The mean over `f`'s retests of the selection metric on validation (its trial's figure if none has it)."""
+    name = metric[len("val_"):] if metric.startswith("val_") else metric
+    values = [r.val_metrics.get(name) for r in f.runs]
+    values = [float(v) for v in values if isinstance(v, (int, float)) and np.isfinite(v)]
+    return float(np.mean(values)) if values else float(f.val_metric)
 
 
 def mcnemar_table(families: list[FamilyRetest]) -> pd.DataFrame:
@@ -115,23 +135,34 @@ def ranking_metric(selection_metric: str) -> str:
 
 
 def winner(table: pd.DataFrame, mcnemar: pd.DataFrame, metric: str, mode: str) -> dict[str, Any] | None:
-    """The best family by the test counterpart of the selection metric (mean over seeds), with its interval,
-    the runner-up, and whether McNemar's test (Holm-adjusted) tells the two apart; None without a family."""
+    """The best family by validation (`retest_column(metric)`, the mean over its retests' seeds), with its test
+    figure of the selection metric's test counterpart and its interval as the outcome, the runner-up (next by
+    validation), whether McNemar's test (Holm-adjusted) tells the two apart, and `test_leader`: the family
+    test ranks first when that is not the winner (else None). None without a family."""
     if table.empty:
         return None
     name = ranking_metric(metric)
-    column = f"test_{name}"
-    ranked = table.sort_values(column, ascending=mode == "min", kind="mergesort").reset_index(drop=True)
+    column, chooser = f"test_{name}", retest_column(metric)
+    if chooser not in table.columns:
+        chooser = metric  # a table of retests without validation figures: the trials' own
+    better_first = mode == "min"
+    ranked = table.sort_values(chooser, ascending=better_first, kind="mergesort").reset_index(drop=True)
     best = ranked.iloc[0]
-    out: dict[str, Any] = {"model": best["model"], "metric": column, "value": float(best[column]),
+    by_test = table.sort_values(column, ascending=better_first, kind="mergesort").reset_index(drop=True).iloc[0]
+    out: dict[str, Any] = {"model": best["model"], "chosen_by": chooser, "chosen_value": float(best[chooser]),
+                           "metric": column, "value": float(best[column]),
                            "ci_low": float(best[f"{column}_ci_low"]), "ci_high": float(best[f"{column}_ci_high"]),
                            "seeds": int(best["seeds"]), "deterministic": bool(best.get("deterministic", False)),
-                           "runner_up": None}
+                           "runner_up": None, "test_leader": None}
+    if by_test["model"] != best["model"] and float(by_test[column]) != float(best[column]):
+        out.update(test_leader=by_test["model"], test_leader_value=float(by_test[column]),
+                   test_leader_chosen_value=float(by_test[chooser]))
     if len(ranked) > 1:
         second = ranked.iloc[1]
         pair = mcnemar[((mcnemar["model_a"] == best["model"]) & (mcnemar["model_b"] == second["model"]))
                        | ((mcnemar["model_a"] == second["model"]) & (mcnemar["model_b"] == best["model"]))]
-        out.update(runner_up=second["model"], runner_up_value=float(second[column]),
+        out.update(runner_up=second["model"], runner_up_chosen_value=float(second[chooser]),
+                   runner_up_value=float(second[column]),
                    runner_up_ci_low=float(second[f"{column}_ci_low"]),
                    runner_up_ci_high=float(second[f"{column}_ci_high"]),
                    p_holm=float(pair["p_holm"].iloc[0]) if len(pair) else float("nan"),
@@ -143,16 +174,30 @@ def winner_sentence(w: dict[str, Any] | None) -> str:
     """The winner in words, e.g. for the report's first paragraph and `carclf report`'s last lines."""
     if w is None:
         return "No family was retested: there is no winner."
+    chooser = w.get("chosen_by", "validation")
     seeds = ("deterministic: retested once" if w.get("deterministic") else f"mean over {w['seeds']} seed(s)")
-    head = (f"Winner: {w['model']}, {w['metric']} {w['value']:.3f} "
-            f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}] ({seeds}, 95% bootstrap interval).")
+    head = (f"Winner, chosen on validation: {w['model']} ({chooser} {w['chosen_value']:.3f}, {seeds}); its "
+            f"outcome on the test split: {w['metric']} {w['value']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] "
+            f"(95% bootstrap interval).")
+    disagree = _disagreement(w)
     if w["runner_up"] is None:
-        return head + " It was the only family retested."
+        return f"{head} It was the only family retested."
     verdict = ("significant" if w["significant"] else "not significant")
-    return (f"{head} Runner-up: {w['runner_up']}, {w['runner_up_value']:.3f} "
-            f"[{w['runner_up_ci_low']:.3f}, {w['runner_up_ci_high']:.3f}]. The difference is {verdict} "
-            f"(McNemar's exact test on their right and wrong test answers, first seed, Holm-adjusted "
-            f"p = {w['p_holm']:.3g}{'' if w['significant'] else '; the two may well be equally good'}).")
+    return (f"{head} Runner-up on validation: {w['runner_up']} ({w['runner_up_chosen_value']:.3f}), test "
+            f"{w['runner_up_value']:.3f} [{w['runner_up_ci_low']:.3f}, {w['runner_up_ci_high']:.3f}]. Their test "
+            f"difference is {verdict} (McNemar's exact test on their right and wrong test answers, first seed, "
+            f"Holm-adjusted p = {w['p_holm']:.3g}{'' if w['significant'] else '; the two may well be equally good'})."
+            f"{disagree}")
+
+
+def _disagreement(w: dict[str, Any]) -> str:
+    """One sentence when test puts another family first ('' when validation and test agree on the first)."""
+    if not w.get("test_leader"):
+        return ""
+    return (f" Validation and test disagree on the order: on test {w['test_leader']} scored higher "
+            f"({w['test_leader_value']:.3f} against {w['value']:.3f}) though its validation figure was lower "
+            f"({w['test_leader_chosen_value']:.3f}); the winner stays the one chosen on validation, since a choice "
+            "made on test would be tuned to the test images.")
 
 
 def split_counts_table(manifest: pd.DataFrame, configs: dict[str, Any]) -> pd.DataFrame:

@@ -15,9 +15,10 @@ default trial, the best's retest serves both.
 The gain is best minus default: test accuracy and the test counterpart of the selection metric, each
 averaged over seeds, with a paired percentile bootstrap interval over test images (a resample draws
 the same images for both), and McNemar's exact test on the two representative runs (first seed).
-Tuning helped when the accuracy interval lies above 0 and McNemar's p is below 0.05. Overall, the
-report's winner is set against the best default across families, ranked by the same test figure that
-names the winner.
+The verdict follows one rule (RULE): the accuracy interval decides, since it rests on every seed and
+every test image; McNemar's p is shown beside it, and where it disagrees the sentence says so and why,
+so no verdict contradicts the figures next to it. Overall, the report's winner is set against the
+best default across families, ranked as the winner is: on validation (the retests' seed mean).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from carclf import stats
-from carclf.report.compare import ranking_metric
+from carclf.report.compare import ranking_metric, retest_val
 from carclf.report.retest import FamilyRetest, retest_trial
 from carclf.report.selection import BASELINE_TAG, ROLE_TAG, parent_run
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ROLE = "retest_default"  # carclf.role of a default configuration's retest runs (best's: 'retest')
 OVERALL = "overall"
 ALPHA = 0.05
+RULE = ("Tuning helped when the 95% interval of the accuracy gain lies above 0, made it worse when it lies below 0, "
+        "and made no measurable difference when it includes 0. McNemar's exact test (first seeds only) is shown "
+        f"beside it; where its p (below {ALPHA} or not) disagrees with the interval, the sentence says why.")
 
 
 @dataclass
@@ -121,15 +125,28 @@ def pair_gain(best: FamilyRetest, default: FamilyRetest, metric: str, *, n_boot:
 
 
 def verdict(row: dict[str, Any]) -> str:
-    """'gain', 'no measurable gain', 'loss' (by the accuracy interval and McNemar), or 'default was best'."""
+    """'gain', 'loss', 'no measurable gain' (by RULE: the accuracy interval), or 'default was best'."""
     if row.get("same"):
         return "default was best"
-    significant = row["mcnemar_p"] < ALPHA
-    if significant and row["test_accuracy_gain_low"] > 0:
+    if row["test_accuracy_gain_low"] > 0:
         return "gain"
-    if significant and row["test_accuracy_gain_high"] < 0:
+    if row["test_accuracy_gain_high"] < 0:
         return "loss"
     return "no measurable gain"
+
+
+def mcnemar_note(row: dict[str, Any]) -> str:
+    """Why McNemar's p disagrees with the verdict ('' when it agrees)."""
+    kind, p = verdict(row), row["mcnemar_p"]
+    counts = f"{row.get('only_best_right', '?')} against {row.get('only_default_right', '?')}"
+    if kind in ("gain", "loss") and not p < ALPHA:
+        return (f" McNemar's test does not confirm it on its own (p={p:.2g}): it counts only the test images on "
+                f"which the two first seeds answered differently ({counts}), while the interval rests on every "
+                "seed and image.")
+    if kind == "no measurable gain" and p < ALPHA:
+        return (f" McNemar's test on the first seeds alone finds a difference (p={p:.2g}; {counts} images answered "
+                "right by one only), which the interval over every seed does not bear out.")
+    return ""
 
 
 def gain_table(pairs: list[TuningPair], winner: dict[str, Any] | None, metric: str, mode: str, *,
@@ -138,7 +155,7 @@ def gain_table(pairs: list[TuningPair], winner: dict[str, Any] | None, metric: s
     rows without a default carry the reason in `missing` and no figures."""
     name = ranking_metric(metric)
     rows = [_row(p.model, p.best, p.default, p.same, p.missing, name, n_boot, level) for p in pairs]
-    overall = _overall(pairs, winner, name, mode, n_boot, level)
+    overall = _overall(pairs, winner, name, metric, mode, n_boot, level)
     if overall is not None:
         rows.append(overall)
     table = pd.DataFrame(rows)
@@ -161,9 +178,9 @@ def _row(family: str, best: FamilyRetest, default: FamilyRetest | None, same: bo
     return row
 
 
-def _overall(pairs: list[TuningPair], winner: dict[str, Any] | None, name: str, mode: str, n_boot: int,
+def _overall(pairs: list[TuningPair], winner: dict[str, Any] | None, name: str, metric: str, mode: str, n_boot: int,
              level: float) -> dict[str, Any] | None:
-    """The winner's retest against the best default across families (by the test figure that names the winner)."""
+    """The winner's retest against the best default across families, ranked as the winner is: on validation."""
     if winner is None:
         return None
     best = next((p.best for p in pairs if p.model == winner["model"] and p.best.runs), None)
@@ -174,10 +191,7 @@ def _overall(pairs: list[TuningPair], winner: dict[str, Any] | None, name: str, 
         return _row(OVERALL, best, None, False, "no family has a retested default configuration", name, n_boot,
                     level)
 
-    def score(f: FamilyRetest) -> float:
-        return stats.seed_mean_metric(f.runs[0].y_true, f.preds, name, len(f.runs[0].classes))
-
-    ranked = sorted(defaults, key=score, reverse=mode != "min")  # stable: ties keep the family order
+    ranked = sorted(defaults, key=lambda f: retest_val(f, metric), reverse=mode != "min")  # stable: ties keep the family order
     default = ranked[0]
     return _row(OVERALL, best, default, default.trial_run_id == best.trial_run_id, "", name, n_boot, level)
 
@@ -200,13 +214,13 @@ def gain_sentence(row: dict[str, Any], name: str = "f1_macro") -> str:
     other = (f", {_signed(row[f'test_{name}_gain'])} [{_signed(row[f'test_{name}_gain_low'])}, "
              f"{_signed(row[f'test_{name}_gain_high'])}] {name}" if name != "accuracy" else "")
     figures = f"{acc}{other}, McNemar p={row['mcnemar_p']:.2g}"
-    kind = verdict(row)
+    kind, note = verdict(row), mcnemar_note(row)
     if kind == "gain":
         return f"{who}: tuning gained {figures} (tuned {row['test_accuracy_best']:.3f} against default " \
-               f"{row['test_accuracy_default']:.3f})."
+               f"{row['test_accuracy_default']:.3f}).{note}"
     if kind == "loss":
-        return f"{who}: tuning made it worse: {figures}."
-    return f"{who}: tuning did not help measurably: {figures}."
+        return f"{who}: tuning made it worse: {figures}.{note}"
+    return f"{who}: tuning made no measurable difference (the accuracy interval includes 0): {figures}.{note}"
 
 
 def gain_sentences(table: pd.DataFrame) -> list[str]:
@@ -237,8 +251,8 @@ def gain_section(table: pd.DataFrame, metric: str) -> str:
     head = ("<h2>Did tuning pay? Best against default configuration</h2><p class='note'>Each family's retested best "
             "configuration against its retested default configuration (its trial tagged carclf.baseline), on the same "
             "test images: the gain is best minus default, averaged over seeds, with a paired 95% bootstrap interval "
-            "over test images; McNemar's exact test on the first seeds. Tuning helped when the accuracy interval lies "
-            f"above 0 and p &lt; {ALPHA}. Overall: the winner against the best default across families.</p>")
+            f"over test images; McNemar's exact test on the first seeds. {html.escape(RULE)} Overall: the winner "
+            "against the best default across families (the best on validation).</p>")
     if table.empty:
         return head + "<p class='note'>(no family retested)</p>"
     name = ranking_metric(metric)

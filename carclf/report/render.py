@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from carclf.report.compare import TABLE_METRICS, pooled_confusion, winner_sentence
+from carclf.report.compare import TABLE_METRICS, pooled_confusion, retest_column, winner_sentence
 from carclf.report.retest import FamilyRetest
 from carclf.report.selection import SweepInfo
 
@@ -107,6 +107,8 @@ def _with_intervals(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     if table.empty:
         return table
     shown = table[["model", "configuration", metric, "seeds"]].copy()
+    if retest_column(metric) in table.columns:  # the column that chose the winner says so in its header
+        shown.insert(3, chooser_header(metric), table[retest_column(metric)].round(4))
     fixed = table["deterministic"].astype(bool) if "deterministic" in table.columns else pd.Series(False, table.index)
     # a deterministic family is retested once: a spread over seeds would be a meaningless ± 0
     shown["seeds"] = [DETERMINISTIC_NOTE if d else n for d, n in zip(fixed, table["seeds"])]
@@ -120,6 +122,10 @@ def _with_intervals(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     shown["params"] = table["n_params"]
     shown["size MB"] = table["size_mb"].round(2)
     return shown
+
+
+def chooser_header(metric: str) -> str:
+    return f"{metric} retests (chose the winner)"
 
 
 def _figure(row, column: str, *, spread: bool) -> str:
