@@ -100,6 +100,7 @@ class SweepSpec(_Strict):
     max_failures: int = Field(default=1, ge=0)  # retries of a trial that raised
     tracking_server: Literal["auto", "always", "never"] = "auto"  # auto: a server when the store is local sqlite
     warm_cache: bool = True  # decode every image once on the driver before trials start
+    warm_features: bool = True  # extract the SVMs' and probes' features once on the driver, every core (sweeps.prefetch)
 
     @model_validator(mode="before")
     @classmethod
