@@ -19,22 +19,6 @@ def _config(data_dir, cache, **sections):
     return validate_run_config(deep_merge(base, sections))
 
 
-@pytest.fixture
-def extractions(monkeypatch):
-    """(split, torch threads) of every feature extraction made in this process, in order."""
-    import carclf.features as features
-
-    seen = []
-    real = features._extract_split
-
-    def counted(backbone, cfg, data, split, **kw):
-        seen.append((split, torch.get_num_threads()))
-        return real(backbone, cfg, data, split, **kw)
-
-    monkeypatch.setattr(features, "_extract_split", counted)
-    return seen
-
-
 def _no_backbone(monkeypatch):
     import carclf.features as features
 
@@ -62,7 +46,7 @@ def test_two_svms_on_one_backbone_extract_each_split_once_and_their_runs_build_n
     rbf = _config(demo_dir, tmp_path / "cache", svm={"kernel": "rbf", "C": 10.0})
     other = _config(demo_dir, tmp_path / "cache", svm={"backbone": "mobilenet_v2", "backbone_weights": _mobilenet_file()})
     done = prefetch_features([linear, rbf, other], splits=("train", "val"), progress=False)
-    assert collections.Counter(s for s, _ in extractions) == {"train": 2, "val": 2}  # once per backbone
+    assert collections.Counter(s for _, s, _ in extractions) == {"train": 2, "val": 2}  # once per backbone
     assert done.n_extracted == 4 and done.failed == {}
     again = prefetch_features([linear, rbf], splits=("train", "val"), progress=False)
     assert again.n_extracted == 0 and again.cached == 1 and len(extractions) == 4
@@ -85,7 +69,7 @@ def test_a_probe_and_its_svm_twin_share_one_extraction(demo_dir, tmp_path, extra
     trained = _config(demo_dir, tmp_path / "cache", model={"name": "simple_cnn", "weights": "none"})
     assert feature_view(trained) is None  # a network trained on images reads no features
     done = prefetch_features([probe, twin, trained], splits=("val",), progress=False)
-    assert [s for s, _ in extractions] == ["val"] and done.cached == 0 and done.n_extracted == 1
+    assert [s for _, s, _ in extractions] == ["val"] and done.cached == 0 and done.n_extracted == 1
 
 
 def test_extraction_runs_on_every_core_whatever_the_caller_had(demo_dir, tmp_path, extractions, monkeypatch):
@@ -97,7 +81,7 @@ def test_extraction_runs_on_every_core_whatever_the_caller_had(demo_dir, tmp_pat
     with torch_threads(1):  # as in a one-CPU trial's retest
         done = prefetch.prefetch_features([cfg], splits=("test",), progress=False)
         assert torch.get_num_threads() == 1  # restored after
-    assert extractions == [("test", 3)] and done.threads == 3
+    assert extractions == [("simple_cnn", "test", 3)] and done.threads == 3
 
 
 def test_a_set_that_cannot_be_extracted_is_named_and_the_others_go_on(demo_dir, tmp_path, extractions):
@@ -110,7 +94,7 @@ def test_a_set_that_cannot_be_extracted_is_named_and_the_others_go_on(demo_dir, 
     done = prefetch_features([bad, good], splits=("val",), progress=False)
     assert list(done.failed) == ["simple_cnn (file, gap) at 32 px"] and "broken.pt" in done.failed[
         "simple_cnn (file, gap) at 32 px"]
-    assert [s for s, _ in extractions] == ["val"] and done.n_extracted == 1
+    assert [s for _, s, _ in extractions] == ["val"] and done.n_extracted == 1
 
 
 def test_the_extraction_log_says_threads_and_images_per_second(demo_dir, tmp_path, caplog):

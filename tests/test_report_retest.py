@@ -140,13 +140,11 @@ def test_a_missing_backbone_file_is_not_called_deterministic(tmp_path):
 
 @pytest.mark.slow
 def test_the_reports_test_features_are_extracted_on_every_core_while_the_seed_keeps_the_trials_threads(
-        tracked, tmp_path, demo_dir, monkeypatch):
+        tracked, tmp_path, demo_dir, monkeypatch, extractions):
     """A one-CPU trial's SVM: the report extracts its test split with the report's (the driver's) threads, then
     retrains the trial's seed on the trial's one thread, reading those features."""
-    import torch
     from mlflow.tracking import MlflowClient
 
-    import carclf.features as features
     import carclf.prefetch as prefetch
     from carclf.config import validate_run_config
     from carclf.experiment import THREADS_TAG, run_experiment
@@ -161,20 +159,14 @@ def test_the_reports_test_features_are_extracted_on_every_core_while_the_seed_ke
         "train": {"device": "cpu", "amp": False, "num_workers": 0}, "tracking": {"uri": tracked, "experiment": "carclf"}})
     with torch_threads(1):
         trial = run_experiment(cfg, tags={"carclf.role": "trial"}, evaluate_test=False, log_model=False)
-    seen = []
-    real = features._extract_split
-
-    def counted(backbone, c, data, split, **kw):
-        seen.append((split, torch.get_num_threads()))
-        return real(backbone, c, data, split, **kw)
-
-    monkeypatch.setattr(features, "_extract_split", counted)
+    assert [(s, t) for _, s, t in extractions] == [("train", 1), ("val", 1)]  # the trial's own, on its thread
+    extractions.clear()
     monkeypatch.setattr(prefetch, "machine_threads", lambda: 3)  # the report's machine: three cores
     client = MlflowClient(tracked)
     report = client.create_run(client.get_run(trial.run_id).info.experiment_id).info.run_id
     info = SweepInfo("s", tmp_path, "parent", "carclf", tracked, "val_f1_macro", "max")
     row = {"run_id": trial.run_id, "model": "svm_linear", "trial_id": "t0", "val_f1_macro": 0.5}
     family = retest_trial(client, info, row, seeds=1, report_run_id=report, experiment="carclf")
-    assert seen == [("test", 3)]  # train and validation came from the trial's cache entries
+    assert extractions == [("simple_cnn", "test", 3)]  # train and validation came from the trial's cache entries
     [retest] = family.runs
     assert client.get_run(retest.run_id).data.tags[THREADS_TAG] == "1"

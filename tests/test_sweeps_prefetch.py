@@ -23,22 +23,6 @@ def _spec_dict(data_dir, models: dict, **over) -> dict:
             "models": models, "num_samples": 4, **over}
 
 
-@pytest.fixture
-def extracted(monkeypatch):
-    """(backbone, split) of every extraction made in this process."""
-    import carclf.features as features
-
-    seen = []
-    real = features._extract_split
-
-    def counted(backbone, cfg, data, split, **kw):
-        seen.append((cfg.svm.backbone, split))
-        return real(backbone, cfg, data, split, **kw)
-
-    monkeypatch.setattr(features, "_extract_split", counted)
-    return seen
-
-
 def test_a_backbone_named_only_in_a_searched_choice_is_a_feature_set(demo_dir, tmp_path):
     from sweeps.prefetch import family_features
 
@@ -65,7 +49,7 @@ def test_a_searched_range_leaves_the_train_split_to_the_trials(demo_dir):
 
 @pytest.mark.slow
 def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_build_no_backbone(
-        demo_dir, tmp_path, tracked, extracted, monkeypatch, capsys):
+        demo_dir, tmp_path, tracked, extractions, monkeypatch, capsys):
     import carclf.features as features
     from carclf.experiment import run_experiment
     from sweeps.driver import plan_sweep, prepare_stores, trial_context
@@ -79,7 +63,7 @@ def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_build_n
     plan = plan_sweep(path, name=None, address=None, resume=False, storage_path=None, tracking_uri=tracked)
     prepare_stores(plan, None)
     # simple_cnn for both families, once; mobilenet_v2 only because svm_rbf's choice names it
-    assert collections.Counter(extracted) == {("simple_cnn", "train"): 1, ("simple_cnn", "val"): 1,
+    assert collections.Counter((b, s) for b, s, _ in extractions) == {("simple_cnn", "train"): 1, ("simple_cnn", "val"): 1,
                                               ("mobilenet_v2", "train"): 1, ("mobilenet_v2", "val"): 1}
     assert f"4 split(s) extracted, 0 set(s) already cached; " in capsys.readouterr().out
 
@@ -94,4 +78,4 @@ def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_build_n
         assert _fill_paths(cfg.data.cache_dir, _feature_key(cfg))[1].exists()  # no trial waits for another
         result = run_experiment(cfg, evaluate_test=False, log_model=False)
         assert 0.0 <= result.val_metrics["accuracy"] <= 1.0
-    assert len(extracted) == 4
+    assert len(extractions) == 4
