@@ -14,13 +14,10 @@ that draw the values. SVM trials then find their features done and do not queue 
 from __future__ import annotations
 
 import itertools
-import logging
 
 from carclf.config import RunConfig, deep_merge
 from sweeps.params import Choice, FloatRange, IntRange
 from sweeps.spec import SweepSpec
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")  # what trials read; the test split is the report's
 # The searched fields that change which features a family reads (for a probe, not the augmentation:
