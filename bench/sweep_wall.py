@@ -1,6 +1,6 @@
 """Benchmark: `sweeps/model10.yaml` end to end from a cold feature cache: the sweep's wall time, then the report's.
 
-    .venv/bin/python bench/sweep_wall.py     # from the project root; 10-20 minutes on 2 busy cores
+    .venv/bin/python bench/sweep_wall.py     # from the project root; 35-60 minutes on 2 heavily loaded cores
 
 Runs the sweep file as a user does (`run_sweep`, then `build_report` with one seed) into a temporary
 project folder with its own MLflow database and its own cache folder. The decode cache is filled
