@@ -127,10 +127,13 @@ def backbone_features(backbone: torch.nn.Module, batches: Iterable, *, device: t
                       desc: str = "features") -> np.ndarray:
     """Run `backbone` over (images, labels) batches under inference mode; float32 [N, D] in batch order.
 
-    Outputs stay on the device until the end: one transfer to the host.
+    Outputs stay on the device until the end: one transfer to the host. On a CPU, too, the backbone and its
+    inputs are channels_last: 1.33x the images/s of contiguous tensors here (bench/extract_throughput.py, AVX-512),
+    with the same SVM accuracy (its features' cosine to contiguous ones 1.0 to six places). bfloat16 autocast was
+    as fast and changed the accuracy by 0.026: not used.
     """
-    backbone = backbone.to(device).eval()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    backbone = backbone.to(device, memory_format=memory_format).eval()
     chunks = []
     with torch.inference_mode():
         for images, _ in _maybe_tqdm(batches, progress, desc):
