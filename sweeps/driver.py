@@ -68,13 +68,18 @@ def plan_sweep(spec_path, *, name: str | None, address: str | None, resume: bool
 
 
 def prepare_stores(plan: SweepPlan, address: str | None) -> None:
-    """Before any trial: the tracking database and experiment exist, and the decode cache is filled."""
+    """Before any trial: the tracking database and experiment exist, the decode and feature caches are filled."""
     from carclf.tracking import ensure_experiment
 
     # database and experiment created once, here, before any trial
     ensure_experiment(plan.experiment, plan.uri, created_by=f"carclf sweep {plan.name}")
-    if plan.spec.warm_cache and not (address or "").startswith("ray://"):  # a Ray client may not see the data
+    local = not (address or "").startswith("ray://")  # a Ray client may not see the data
+    if plan.spec.warm_cache and local:
         warm_decode_cache(plan.spec, plan.overrides)
+    if plan.spec.warm_features and local:
+        from sweeps.prefetch import prefetch_sweep_features
+
+        prefetch_sweep_features(plan.spec, plan.overrides)
 
 
 def open_parent_run(client, trial_uri: str, plan: SweepPlan) -> str:

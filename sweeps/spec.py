@@ -115,6 +115,7 @@ class SweepSpec(_Strict):
     tracking_server: Literal["auto", "always", "never"] = "auto"  # auto: a server when the store is local sqlite
     warm_cache: bool = True  # decode every image once on the driver before trials start
     rank_backbones: RankBackbones = RankBackbones()  # searched backbones scored before the trials (sweeps.ranking)
+    warm_features: bool = True  # extract the SVMs' and probes' features once on the driver, every core (sweeps.prefetch)
 
     @model_validator(mode="before")
     @classmethod

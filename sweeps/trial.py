@@ -255,27 +255,54 @@ def first_fill_lock(cache_dir: str | Path, key: dict) -> Iterator[None]:
     """Trials needing the same cache entries run one at a time until one of them has filled them.
 
     Without it, the first two SVM trials of a sweep, started together, both extract the same
-    features. A marker file ends the waiting once a trial with this key has succeeded; flock
-    is released by the OS if its holder dies.
+    features. A marker file ends the waiting once a trial with this key has succeeded (or the
+    driver has extracted the features before the trials: sweeps.prefetch); flock is released by
+    the OS if its holder dies. A trial that has to wait says so in its log, and for what.
     """
     import fcntl
-    import hashlib
+    import time
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    folder = Path(cache_dir) / "sweep-locks"
-    done = folder / f"{digest}.done"
+    lock, done = _fill_paths(cache_dir, key)
     if done.exists():
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{digest}.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            start = time.perf_counter()
+            log.warning("waiting for another trial to extract the features of %s (lock %s)", _what(key), lock)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            log.warning("waited %.0f s for the features of %s", time.perf_counter() - start, _what(key))
         if done.exists():
             fcntl.flock(fh, fcntl.LOCK_UN)
             yield
             return
         yield
         done.touch()
+
+
+def mark_filled(cache_dir: str | Path, key: dict) -> None:
+    """The entries of `key` are in the cache: trials with this key no longer wait for each other."""
+    _, done = _fill_paths(cache_dir, key)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.touch()
+
+
+def _fill_paths(cache_dir: str | Path, key: dict) -> tuple[Path, Path]:
+    """The lock file and the done marker of one feature key."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = Path(cache_dir) / "sweep-locks"
+    return folder / f"{digest}.lock", folder / f"{digest}.done"
+
+
+def _what(key: dict) -> str:
+    """A feature key in words, for the log."""
+    svm, data = key.get("svm", {}), key.get("data", {})
+    return f"{svm.get('backbone')} ({svm.get('backbone_weights')}) at {data.get('image_size')} px"
 
 
 _trial_thread: list[threading.Thread] = []

@@ -184,3 +184,21 @@ def demo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     make_demo(root, n_images=60, size=40, seed=0)
     return root
+
+
+@pytest.fixture
+def extractions(monkeypatch) -> list:
+    """(backbone, split, torch threads) of every feature extraction this process makes, in order."""
+    import torch
+
+    import carclf.features as features
+
+    seen = []
+    real = features._extract_split
+
+    def counted(backbone, cfg, data, split, **kw):
+        seen.append((cfg.svm.backbone, split, torch.get_num_threads()))
+        return real(backbone, cfg, data, split, **kw)
+
+    monkeypatch.setattr(features, "_extract_split", counted)
+    return seen

@@ -136,3 +136,37 @@ def test_a_missing_backbone_file_is_not_called_deterministic(tmp_path):
                                     "svm": {"backbone": "mobilenet_v2",
                                             "backbone_weights": str(tmp_path / "gone.pth")}})
     assert deterministic_training(cfg, _manifest(), [0, 1]) == ""
+
+
+@pytest.mark.slow
+def test_the_reports_test_features_are_extracted_on_every_core_while_the_seed_keeps_the_trials_threads(
+        tracked, tmp_path, demo_dir, monkeypatch, extractions):
+    """A one-CPU trial's SVM: the report extracts its test split with the report's (the driver's) threads, then
+    retrains the trial's seed on the trial's one thread, reading those features."""
+    from mlflow.tracking import MlflowClient
+
+    import carclf.prefetch as prefetch
+    from carclf.config import validate_run_config
+    from carclf.experiment import THREADS_TAG, run_experiment
+    from carclf.report.retest import retest_trial
+    from carclf.report.selection import SweepInfo
+    from carclf.threads import torch_threads
+
+    cfg = validate_run_config({
+        "data": {"path": str(demo_dir), "image_size": 32, "min_images": 2},
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "model": {"name": "svm"},
+        "svm": {"backbone": "simple_cnn", "backbone_weights": "none", "kernel": "linear"},
+        "train": {"device": "cpu", "amp": False, "num_workers": 0}, "tracking": {"uri": tracked, "experiment": "carclf"}})
+    with torch_threads(1):
+        trial = run_experiment(cfg, tags={"carclf.role": "trial"}, evaluate_test=False, log_model=False)
+    assert [(s, t) for _, s, t in extractions] == [("train", 1), ("val", 1)]  # the trial's own, on its thread
+    extractions.clear()
+    monkeypatch.setattr(prefetch, "machine_threads", lambda: 3)  # the report's machine: three cores
+    client = MlflowClient(tracked)
+    report = client.create_run(client.get_run(trial.run_id).info.experiment_id).info.run_id
+    info = SweepInfo("s", tmp_path, "parent", "carclf", tracked, "val_f1_macro", "max")
+    row = {"run_id": trial.run_id, "model": "svm_linear", "trial_id": "t0", "val_f1_macro": 0.5}
+    family = retest_trial(client, info, row, seeds=1, report_run_id=report, experiment="carclf")
+    assert extractions == [("simple_cnn", "test", 3)]  # train and validation came from the trial's cache entries
+    [retest] = family.runs
+    assert client.get_run(retest.run_id).data.tags[THREADS_TAG] == "1"

@@ -262,3 +262,19 @@ def test_two_objective_sweep_with_a_searched_backbone_then_a_warm_start(tmp_path
         assert "carclf.baseline" not in run.data.tags
         keys = ["svm.C", "svm.backbone"] if point["model"] == "svm" else ["train.lr"]
         assert {k: run.data.params[k] for k in keys} == {k: earlier.data.params[k] for k in keys}
+
+
+@pytest.mark.slow
+def test_two_svm_families_on_one_backbone_read_features_the_driver_extracted_once(tmp_path, tracked, demo_dir,
+                                                                                   ray_local):
+    from sweeps.runner import run_sweep
+
+    models = {"svm_linear": {"model": "svm", "space": {"kernel": "linear"}},
+              "svm_rbf": {"model": "svm", "space": {"kernel": "rbf"}}}
+    path = _sweep_file(tmp_path / "s.yaml", demo_dir, models=models, num_samples=4, n_startup_trials=4)
+    table = run_sweep(path, name="features-first", tracking_uri=tracked)
+    trained = [r for r in _children(tracked, table.attrs["parent_run_id"]) if "feature_cache_hits" in r.data.metrics]
+    assert len(trained) >= 2 and {r.data.tags["carclf.sweep_model"] for r in trained} == {"svm_linear", "svm_rbf"}
+    assert all(r.data.metrics["feature_cache_hits"] == 2 for r in trained)  # train and val: no trial extracted
+    entries = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "features").glob("*.parquet"))
+    assert entries == ["train", "val"]  # one extraction per split, by the driver

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 
-def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path):
+def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path, caplog):
     import threading
     import time
 
     from sweeps.trial import first_fill_lock
 
-    key = {"svm": {"backbone": "mobilenet_v2"}}
+    key = {"svm": {"backbone": "mobilenet_v2"}, "data": {"image_size": 320}}
     order = []
 
     def trial(name, hold):
@@ -27,6 +27,27 @@ def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path):
     first.join()
     assert order == ["first in", "first out", "second in", "second out"]
     assert len(list((tmp_path / "sweep-locks").glob("*.done"))) == 1
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for another trial")]
+    assert len(waits) == 1 and "mobilenet_v2" in waits[0] and "320 px" in waits[0]  # the second says what it waits for
+
+
+def test_features_the_driver_extracted_let_trials_run_side_by_side(tmp_path):
+    import threading
+
+    from sweeps.trial import first_fill_lock, mark_filled
+
+    key = {"svm": {"backbone": "mobilenet_v2"}}
+    mark_filled(tmp_path, key)
+    inside = threading.Barrier(2, timeout=5)
+
+    def trial():
+        with first_fill_lock(tmp_path, key):
+            inside.wait()  # both inside at once, or the barrier times out
+
+    other = threading.Thread(target=trial)
+    other.start()
+    trial()
+    other.join()
 
 
 @pytest.mark.parametrize("settings, seed_matters", [

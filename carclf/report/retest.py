@@ -15,12 +15,11 @@ when every retest was tested on the same images (the hash of the test split's co
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +27,7 @@ import pandas as pd
 from carclf.config import RunConfig, validate_run_config
 from carclf.errors import CarclfError, SweepError
 from carclf.report.selection import ROLE_TAG, SWEEP_MODEL_TAG, SWEEP_TAG, SweepInfo, sweep_uri, trial_config
+from carclf.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,20 @@ def retest_trial(client, info: SweepInfo, trial: dict | pd.Series, *, seeds: int
              "" if role == "retest" else f" ({role})", family.trial_id, info.metric, family.val_metric, n,
              " (deterministic)" if family.deterministic else "",
              f" on {family.threads} CPU thread(s), as the trial" if family.threads else "")
+    features_first(configs, progress=progress)
     return retest_family(family, configs, client=client, report_run_id=report_run_id, info=info, role=role,
                          progress=progress)
+
+
+def features_first(configs: list[RunConfig], *, progress: bool = False) -> None:
+    """The configs' features (the test split's too) extracted with every core before the retests: the first
+    seed retrains on the trial's thread count (one, for a one-CPU trial), which the extraction need not share."""
+    from carclf.prefetch import prefetch_features
+
+    done = prefetch_features(configs, splits=("train", "val", "test"), progress=progress)
+    if done.n_extracted:
+        log.info("features for the retests: %d split(s) extracted in %.0f s on %d CPU thread(s)", done.n_extracted,
+                 done.seconds, done.threads)
 
 
 def retest_family(family: FamilyRetest, configs: list[RunConfig], *, client, report_run_id: str,
@@ -188,24 +200,6 @@ def retest_family(family: FamilyRetest, configs: list[RunConfig], *, client, rep
             log.error("retest of %s with seed %d failed: %s", family.model, cfg.seed, e)
             family.errors.append(f"seed {cfg.seed}: {type(e).__name__}: {e}")
     return family
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """torch uses `n` CPU threads in the block (None: as it is). A network's float sums on a CPU depend on
-    the thread count, so a retest with the trial's seed reproduces the trial only with the trial's threads
-    (a Ray trial gets as many as its CPUs, `carclf report` all of the machine's)."""
-    if not n:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def trial_threads(client, run_id: str) -> int | None:
