@@ -25,7 +25,7 @@ from sklearn.pipeline import Pipeline
 from torch import nn
 
 from carclf.car_classifier import SimpleCNN  # noqa: F401 - the baseline, part of this registry's interface
-from carclf.car_classifier import NETWORKS, FeatureExtractor, feature_trunk, set_head
+from carclf.car_classifier import NETWORKS, FeatureExtractor, feature_trunk, is_zoo_name, set_head
 from carclf.errors import ConfigError, WeightsError
 # The registry's records and the weights live in their own modules; this module is their public face.
 from carclf.registry import (FEATURE_MODES, FINETUNE_MODES, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
@@ -46,7 +46,10 @@ def _set_head(model: nn.Module, arch: Architecture, num_classes: int) -> None:
 
 
 def _load_into(model: nn.Module, arch: Architecture, state: dict, source: str) -> None:
-    """Strict load; a file whose head has other rows than the model's (a fine-tuned model) resizes the head first."""
+    """Strict load; a file whose head has other rows than the model's (a fine-tuned model) resizes the head first.
+    A file in another naming the architecture knows (the lite0 wheel's) is mapped onto the model's names first."""
+    if arch.adapt_state is not None:
+        state = arch.adapt_state(state)
     head_rows = state.get(f"{arch.network.head}.weight")
     if head_rows is not None and head_rows.ndim == 2 and head_rows.shape[0] != _linear_head(model, arch).out_features:
         _set_head(model, arch, head_rows.shape[0])
@@ -135,9 +138,10 @@ def build_backbone(name: str, *, weights="imagenet", features: str = "gap", imag
     if features not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {', '.join(FEATURE_MODES)}, got {features!r}")
     model, arch, _ = _network_with_weights(name, weights, image_size)
+    head_inputs = _linear_head(model, arch).in_features  # read before a zoo model's trunk drops its head
     trunk = feature_trunk(name, model, features)
-    if features == "penultimate" and arch.network.penultimate is not None:
-        dim = _linear_head(model, arch).in_features
+    if (features == "penultimate" and arch.network.penultimate is not None) or is_zoo_name(name):
+        dim = head_inputs  # the classifier's input: a zoo model's pooled pre-logits in either mode
     else:
         dim = _trunk_channels(trunk, arch.min_size)
     return Backbone(trunk, dim, model.input_config, model.weights_sha256).eval()
