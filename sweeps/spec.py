@@ -296,11 +296,12 @@ def _check_model(spec: SweepSpec, key: str, source: str) -> None:
 
 def _check_image_size(cfg: RunConfig, key: str, source: str) -> None:
     """The family's images must be large enough for its network (an SVM: for its feature backbone)."""
+    from carclf.config import backbone_members
     from carclf.models import min_image_size
 
     field, net = ("svm.backbone", cfg.svm.backbone) if cfg.is_svm else ("model", cfg.model.name)
     try:
-        need = min_image_size(net)
+        need = max(min_image_size(n) for n in backbone_members(net))  # a stack: its most demanding member
     except ConfigError as e:
         raise ConfigError(f"invalid {source}:\n  models.{key}: {field}: {e}") from None
     if cfg.data.image_size < need:
