@@ -192,7 +192,7 @@ def _add_models(sub) -> None:
     p = _add_parser(sub, "models", help="list the models and backbones that can be named: carclf's own, "
                     "torchvision/<model>, timm/<model>.<tag>; 'offline' marks weights already on this machine")
     p.add_argument("--filter", default=None, help="only names containing this text (or matching a glob, e.g. "
-                   "'timm/convnext*'); none: every name")
+                   "'timm/convnext*'); default: every name")
     p.set_defaults(func=_handler("carclf.zoo:cli_models"))
 
 

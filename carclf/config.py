@@ -137,7 +137,11 @@ class SVMConfig(_Frozen):
         from carclf.models import is_network, list_models
 
         for name in backbone_members(v):
-            if not is_network(name):
+            try:
+                network = is_network(name)
+            except ConfigError as e:  # named as what it is here: a backbone
+                raise ValueError(str(e).replace("unknown model", "unknown backbone", 1)) from None
+            if not network:
                 networks = [m for m in list_models() if is_network(m)]
                 raise ValueError(f"backbone {name!r} is not a network; allowed: {', '.join(networks)}, or a zoo "
                                  "model torchvision/<model> or timm/<model>")
