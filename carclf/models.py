@@ -29,8 +29,8 @@ from carclf.car_classifier import NETWORKS, FeatureExtractor, feature_trunk, is_
 from carclf.errors import ConfigError, WeightsError
 # The registry's records and the weights live in their own modules; this module is their public face.
 from carclf.registry import (FEATURE_MODES, FINETUNE_MODES, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
-                             MODELS, Architecture, InputConfig, ModelSpec, _architecture, _networks, is_network,
-                             list_models, min_image_size, register_model)
+                             MODELS, Architecture, InputConfig, ModelSpec, _architecture, _networks, image_size_problem,
+                             is_network, list_models, min_image_size, register_model)
 from carclf.svm import SVM_CALIBRATION_FOLDS, calibration_folds, svm_pipeline  # noqa: F401 - the SVM head
 from carclf.weights import (file_sha256, mobilenet_v2_weights_file, resolve_weights,  # noqa: F401
                             weights_sha256)
@@ -63,8 +63,9 @@ def _network_with_weights(name: str, weights, image_size: int | None, **kw) -> t
     """Build the network, load its weights; returns (model, architecture, whether weights were loaded)."""
     arch = _architecture(name)
     size = image_size or arch.input_config.size
-    if size < arch.min_size:
-        raise ConfigError(f"image_size={size} is below {name}'s minimum of {arch.min_size} px")
+    problem = image_size_problem(name, size)
+    if problem:
+        raise ConfigError(problem)
     state, sha = resolve_weights(name, weights)  # first: a missing file fails before a slow build
     model = arch.network.make(**kw)
     model.build_kwargs = dict(kw)  # logged with the model, so it can be rebuilt without carclf

@@ -44,6 +44,7 @@ class Architecture:
     offline_file: Callable[[], Path | None] | None = None  # a pip-installed copy of the ImageNet file
     input_config: InputConfig = InputConfig()
     min_size: int = 32  # smallest input the network's strides and pools accept
+    fixed_size: int | None = None  # the only input side it reads (a ViT's position embeddings); None: any size
     # maps a state_dict in another naming onto this network's (the lite0 wheel's file onto timm's model)
     adapt_state: Callable[[dict], dict] | None = None
 
@@ -113,6 +114,16 @@ def _architecture(name: str) -> Architecture:
 def min_image_size(name: str) -> int:
     """The smallest square input (px) network `name` accepts."""
     return _architecture(name).min_size
+
+
+def image_size_problem(name: str, size: int) -> str | None:
+    """Why network `name` cannot read `size` px images, or None if it can."""
+    arch = _architecture(name)
+    if arch.fixed_size is not None and size != arch.fixed_size:
+        return f"{name} reads {arch.fixed_size} px images only; set data.image_size to {arch.fixed_size}"
+    if size < arch.min_size:
+        return f"image_size={size} is below {name}'s minimum of {arch.min_size} px"
+    return None
 
 
 def _networks() -> list[str]:

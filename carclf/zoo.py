@@ -115,13 +115,14 @@ def architecture(name: str) -> Architecture:
     prep = preprocessing(name)
     size = int(prep["size"])
     config = InputConfig(size=size, mean=tuple(prep["mean"]), std=tuple(prep["std"]))
+    fixed = size if prep["fixed_size"] else None
     if parsed.zoo == "torchvision":
         weights = _torchvision_weights(parsed)
         file_name = weights.url.rsplit("/", 1)[-1]
-        return Architecture(net, weights, input_config=config,
+        return Architecture(net, weights, input_config=config, fixed_size=fixed,
                             offline_file=functools.partial(_installed_torchvision_file, file_name))
     lite0 = parsed.model == LITE0_ARCH and parsed.tag in ("", "in1k")
-    return Architecture(net, _timm_weights(parsed), input_config=config,
+    return Architecture(net, _timm_weights(parsed), input_config=config, fixed_size=fixed,
                         offline_file=lite0_weights_file if lite0 else None,
                         adapt_state=lite0_to_timm if parsed.model == LITE0_ARCH else None)
 
@@ -133,20 +134,23 @@ def preprocessing(name: str) -> dict:
     carclf uses the size (the default input side), mean and std; images are squashed to the square, not
     cropped (car photos are wide: a centre crop cuts off the front and the rear), so crop_pct is shown, not applied.
     """
+    from carclf.car_classifier import _build
+
     parsed = parse_name(name)
+    model = _build(zoo_network(parsed.full).make, meta=True)
     if parsed.zoo == "torchvision":
         t = _torchvision_weights(parsed).transforms()
         crop = int(t.crop_size[0])
+        # a ViT's position embeddings and MaxViT's window partitions fit one input size
+        fixed = type(model).__name__ in ("VisionTransformer", "MaxVit")
         return {"size": crop, "interpolation": str(t.interpolation.value), "crop_pct": crop / int(t.resize_size[0]),
-                "mean": tuple(t.mean), "std": tuple(t.std)}
+                "mean": tuple(t.mean), "std": tuple(t.std), "fixed_size": fixed}
     import timm.data
 
-    from carclf.car_classifier import _build
-
-    model = _build(zoo_network(parsed.full).make, meta=True)
     cfg = timm.data.resolve_model_data_config(model)
     return {"size": int(cfg["input_size"][-1]), "interpolation": cfg["interpolation"],
-            "crop_pct": float(cfg["crop_pct"]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+            "crop_pct": float(cfg["crop_pct"]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+            "fixed_size": bool(model.pretrained_cfg.get("fixed_input_size", False))}
 
 
 def _torchvision_weights(parsed: ZooName):

@@ -165,3 +165,17 @@ def test_the_lite0_wheel_file_is_a_real_imagenet_model_under_timm(real_data_dir)
     with torch.no_grad():
         top = model.eval()(normalise(images, model.input_config.mean, model.input_config.std)).argmax(1)
     assert sum(int(t) in CAR_CLASSES for t in top) >= 8
+
+
+def test_a_network_that_reads_one_size_only_refuses_another():
+    with pytest.raises(ConfigError, match="reads 224 px images only; set data.image_size to 224"):
+        build_backbone("timm/vit_small_patch16_224", weights="none", image_size=64)
+
+
+def test_the_models_command_lists_zoo_names_and_marks_weights_on_this_machine(capsys):
+    assert cli.main(["models", "--filter", "lite0"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("timm/")}
+    assert {"timm/tf_efficientnet_lite0.in1k", "timm/efficientnet_lite0.ra_in1k"} <= set(rows)
+    assert ("offline" in rows["timm/tf_efficientnet_lite0.in1k"]) == (zoo.lite0_weights_file() is not None)
+    assert "offline" not in rows["timm/efficientnet_lite0.ra_in1k"]
