@@ -5,13 +5,15 @@
 
 carclf copies this file into each MLflow model it logs (`code_paths`), so a model loads and
 predicts without carclf. It imports only torch, torchvision, NumPy, pandas, PIL and, for an
-SVM, scikit-learn and skops. carclf takes its decoding and its network architectures from
-here, never the other way round, so training and serving cannot drift apart.
+SVM, scikit-learn and skops; a model on a timm architecture (`timm/<model>`) also imports timm.
+carclf takes its decoding and its network architectures from here, never the other way round,
+so training and serving cannot drift apart.
 
 What a model folder holds (the `artifacts` of `load_classifier`):
 - `spec`: JSON with the kind ('network' | 'svm'), the class names, the input config (size,
   mean, std) and the architecture (network: its name and constructor arguments; SVM: the
-  backbone's name and feature mode);
+  backbone's name and feature mode; a stack of backbones: `members`, each with its name, feature mode,
+  mean and std);
 - `weights`: a torch state_dict (the network, or the SVM's feature backbone), read with
   `torch.load(..., weights_only=True)`;
 - `svm` (SVM only): the scikit-learn Pipeline saved by skops, read with the explicit list of
