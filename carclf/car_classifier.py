@@ -5,13 +5,15 @@
 
 carclf copies this file into each MLflow model it logs (`code_paths`), so a model loads and
 predicts without carclf. It imports only torch, torchvision, NumPy, pandas, PIL and, for an
-SVM, scikit-learn and skops. carclf takes its decoding and its network architectures from
-here, never the other way round, so training and serving cannot drift apart.
+SVM, scikit-learn and skops; a model on a timm architecture (`timm/<model>`) also imports timm.
+carclf takes its decoding and its network architectures from here, never the other way round,
+so training and serving cannot drift apart.
 
 What a model folder holds (the `artifacts` of `load_classifier`):
 - `spec`: JSON with the kind ('network' | 'svm'), the class names, the input config (size,
   mean, std) and the architecture (network: its name and constructor arguments; SVM: the
-  backbone's name and feature mode);
+  backbone's name and feature mode; a stack of backbones: `members`, each with its name, feature mode,
+  mean and std);
 - `weights`: a torch state_dict (the network, or the SVM's feature backbone), read with
   `torch.load(..., weights_only=True)`;
 - `svm` (SVM only): the scikit-learn Pipeline saved by skops, read with the explicit list of
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
@@ -189,10 +192,95 @@ NETWORKS: dict[str, Network] = {
 }
 
 
+ZOOS = ("torchvision", "timm")  # a zoo name is `<zoo>/<model>[.<weights tag>]`, e.g. timm/convnext_tiny.fb_in22k
+
+
+def is_zoo_name(name: str) -> bool:
+    return isinstance(name, str) and name.partition("/")[0] in ZOOS and bool(name.partition("/")[2])
+
+
 def network(name: str) -> Network:
+    if is_zoo_name(name):
+        return zoo_network(name)
     if name not in NETWORKS:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(NETWORKS))}")
     return NETWORKS[name]
+
+
+# --------------------------------------------------------------------------- the torchvision and timm zoos
+
+
+def _zoo_maker(name: str) -> Callable[..., nn.Module]:
+    """The architecture behind a zoo name, random init. A timm tag picks its head's width (in22k: 21,841
+    classes), so the tag goes to timm; a torchvision weights member never changes the architecture."""
+    zoo, _, model = name.partition("/")
+    if zoo == "torchvision":
+        arch = model.split(".", 1)[0]
+        return lambda **kw: tvm.get_model(arch, weights=None, **kw)
+    import timm  # only models that name a timm architecture need timm
+
+    return lambda **kw: timm.create_model(model, pretrained=False, **kw)
+
+
+def _build(make: Callable[[], nn.Module], meta: bool) -> nn.Module:
+    """`make()` on the meta device (no time spent on an init that is overwritten) where the model allows it:
+    some compute numbers in their constructor (timm's stochastic-depth rates), which the meta device has not."""
+    if meta:
+        try:
+            with torch.device("meta"):
+                return make()
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            pass
+    return make()
+
+
+def _classifier_path(model: nn.Module) -> str:
+    """The dotted path of the model's last nn.Linear: timm names its classifier (get_classifier); for
+    torchvision it is the last linear layer, which every classification model there ends with."""
+    modules = dict(model.named_modules())
+    target = model.get_classifier() if hasattr(model, "get_classifier") else None
+    named = [n for n, m in modules.items() if m is target and isinstance(m, nn.Linear)]
+    if named:
+        return named[0]
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear classifier to replace")
+    return linears[-1]
+
+
+class PreLogits(nn.Module):
+    """A timm model's pooled pre-logit features: forward_features, then forward_head(..., pre_logits=True)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        model.reset_classifier(0)  # the classifier's weights are not features: not shipped
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def _before_head(head: str) -> Callable[[nn.Module], nn.Module]:
+    """A torchvision model whose classifier is dropped: its output is the classifier's input."""
+    def trunk(model: nn.Module) -> nn.Module:
+        model.set_submodule(head, nn.Identity())
+        return model
+
+    return trunk
+
+
+@functools.lru_cache(maxsize=64)
+def zoo_network(name: str) -> Network:
+    """The Network of a zoo model: its features are the classifier's input (the pooled pre-logits) whichever
+    feature mode is asked for."""
+    make = _zoo_maker(name)
+    head = _classifier_path(_build(make, meta=True))
+    trunk = _pre_logits if name.startswith("timm/") else _before_head(head)
+    return Network(make, head, trunk, trunk)
+
+
+def _pre_logits(model: nn.Module) -> nn.Module:
+    return PreLogits(model)
 
 
 def set_head(model: nn.Module, head: str, num_classes: int) -> None:
@@ -233,6 +321,40 @@ class FeatureExtractor(nn.Module):
         return y.mean(dim=(2, 3)) if y.ndim == 4 else y
 
 
+STACK_SEPARATOR = "+"  # a stack of backbones is named by its members joined: mobilenet_v2+timm/tf_efficientnet_lite0
+
+
+class Normalised(nn.Module):
+    """A member of a stack: images in [0, 1] normalised with the member's own mean and std, then its features."""
+
+    def __init__(self, extractor: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.extractor = extractor
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor((x - self.mean) / self.std).flatten(1)
+
+
+class StackedFeatures(nn.Module):
+    """Several backbones' features side by side, in the members' order: images in [0, 1] -> [N, sum of widths]."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=1)
+
+
+def stack_member(name: str, features: str, mean: Sequence[float], std: Sequence[float],
+                 model: nn.Module | None = None) -> Normalised:
+    """One stack member: `model` (random init if None) cut to its feature trunk, normalising its own input."""
+    trunk = feature_trunk(name, model if model is not None else build_network(name), features)
+    return Normalised(FeatureExtractor(trunk), mean, std)
+
+
 # --------------------------------------------------------------------------- preprocessing
 
 
@@ -264,9 +386,8 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _with_weights(make: Callable[[], nn.Module], state: dict) -> nn.Module:
-    """Build on the meta device (no time spent on a random init that is overwritten), then take the weights."""
-    with torch.device("meta"):
-        module = make()
+    """Build (on the meta device where the model allows it), then take the weights."""
+    module = _build(make, meta=True)
     module.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
@@ -370,8 +491,7 @@ def load_classifier(artifacts: Mapping[str, str], device: torch.device | str | N
     state = load_state_dict(artifacts["weights"])
     svm = None
     if spec["kind"] == "svm":
-        name, features = spec["backbone"], spec.get("features", "gap")
-        model = _with_weights(lambda: FeatureExtractor(feature_trunk(name, build_network(name), features)), state)
+        model = _with_weights(lambda: _svm_backbone(spec), state)
         svm = load_svm(artifacts["svm"])
     elif spec["kind"] == "network":
         n = len(spec["classes"])
@@ -381,6 +501,15 @@ def load_classifier(artifacts: Mapping[str, str], device: torch.device | str | N
     ic = spec["input_config"]
     return CarClassifier(classes=[str(c) for c in spec["classes"]], size=int(ic["size"]), mean=tuple(ic["mean"]),
                          std=tuple(ic["std"]), network=model.to(device), svm=svm, device=device)
+
+
+def _svm_backbone(spec: Mapping[str, Any]) -> nn.Module:
+    """The SVM's feature backbone, random init: one network's trunk, or a stack of members (spec `members`)."""
+    if spec.get("members"):
+        return StackedFeatures([stack_member(m["backbone"], m.get("features", "gap"), m["mean"], m["std"])
+                                for m in spec["members"]])
+    name = spec["backbone"]
+    return FeatureExtractor(feature_trunk(name, build_network(name), spec.get("features", "gap")))
 
 
 def load_svm(path: str):

@@ -202,12 +202,21 @@ def _add_tracking(sub) -> None:
     srv.set_defaults(func=_handler("carclf.server:cli_server"))
 
 
+def _add_models(sub) -> None:
+    p = _add_parser(sub, "models", help="list the models and backbones that can be named: carclf's own, "
+                    "torchvision/<model>, timm/<model>.<tag>; 'offline' marks weights already on this machine")
+    p.add_argument("--filter", default=None, help="only names containing this text (or matching a glob, e.g. "
+                   "'timm/convnext*'); default: every name")
+    p.set_defaults(func=_handler("carclf.zoo:cli_models"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carclf", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=HelpFormatter)
     _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_data, _add_train, _add_rank, _add_sweep, _add_analyze, _add_report, _add_promote, _add_predict, _add_tracking):
+    for add in (_add_data, _add_train, _add_rank, _add_sweep, _add_analyze, _add_report, _add_promote, _add_predict,
+                _add_models, _add_tracking):
         add(sub)
     return parser
 

@@ -67,12 +67,9 @@ class ModelConfig(_Frozen):
     @field_validator("name")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from carclf.models import list_models
+        from carclf.registry import check_model_name
 
-        names = list_models()
-        if v not in names:
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(names)}")
-        return v
+        return check_model_name(v)
 
     @model_validator(mode="after")
     def _probe_has_a_backbone(self) -> "ModelConfig":
@@ -103,8 +100,10 @@ class TrainConfig(_Frozen):
 
 
 class SVMConfig(_Frozen):
-    backbone: str = "vgg16"  # the CNN whose features the SVM reads
-    backbone_weights: str = "imagenet"
+    # the CNN whose features the SVM reads: a name, or a stack of names ([a, b], written a+b) whose features are
+    # read side by side, each from its own cache
+    backbone: str = "vgg16"
+    backbone_weights: str | tuple[str, ...] = "imagenet"  # one for all of a stack's members, or one per member
     features: Literal["gap", "penultimate"] = "gap"  # global-average-pooled or penultimate-layer features
     # logistic: a multinomial logistic regression (softmax probabilities), for many classes (carclf.svm)
     kernel: Literal["linear", "rbf", "logistic"] = "rbf"
@@ -130,15 +129,44 @@ class SVMConfig(_Frozen):
                 raise ValueError("gamma must be 'scale' or a positive number") from None
         return v
 
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _stack_as_text(cls, v):
+        from carclf.car_classifier import STACK_SEPARATOR
+
+        return STACK_SEPARATOR.join(map(str, v)) if isinstance(v, (list, tuple)) else v
+
     @field_validator("backbone")
     @classmethod
     def _network_backbone(cls, v: str) -> str:
         from carclf.models import is_network, list_models
 
-        networks = [m for m in list_models() if is_network(m)]
-        if v not in networks:
-            raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(networks)}")
+        for name in backbone_members(v):
+            try:
+                network = is_network(name)
+            except ConfigError as e:  # named as what it is here: a backbone
+                raise ValueError(str(e).replace("unknown model", "unknown backbone", 1)) from None
+            if not network:
+                networks = [m for m in list_models() if is_network(m)]
+                raise ValueError(f"backbone {name!r} is not a network; allowed: {', '.join(networks)}, or a zoo "
+                                 "model torchvision/<model> or timm/<model>")
+        if len(set(backbone_members(v))) != len(backbone_members(v)):
+            raise ValueError(f"a stack names each backbone once, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _weights_per_member(self) -> "SVMConfig":
+        members = backbone_members(self.backbone)
+        if not isinstance(self.backbone_weights, str) and len(self.backbone_weights) != len(members):
+            raise ValueError(f"svm.backbone_weights lists {len(self.backbone_weights)} weights for "
+                             f"{len(members)} backbone(s) {self.backbone!r}: give one per backbone, or one for all")
+        return self
+
+    def members(self) -> list[tuple[str, str]]:
+        """(backbone, weights) of each backbone the SVM reads: one, or each member of a stack."""
+        names = backbone_members(self.backbone)
+        weights = self.backbone_weights
+        return list(zip(names, [weights] * len(names) if isinstance(weights, str) else weights))
 
     @field_validator("gamma")
     @classmethod
@@ -153,6 +181,13 @@ class SVMConfig(_Frozen):
         if problem:
             raise ValueError(problem)
         return self
+
+
+def backbone_members(backbone: str) -> list[str]:
+    """The networks of `svm.backbone`: itself, or a stack's members (`a+b`)."""
+    from carclf.car_classifier import STACK_SEPARATOR
+
+    return backbone.split(STACK_SEPARATOR)
 
 
 def gamma_factor_problem(gamma, gamma_factor: float) -> str | None:

@@ -251,20 +251,27 @@ def _svm_seconds_per_image(pipeline, sets, meta) -> float:
 
 
 def _backbone_sha(cfg: RunConfig) -> str:
-    from carclf.features import weights_id
+    from carclf.features import backbone_weights_id
 
-    return weights_id(cfg.svm.backbone, cfg.svm.backbone_weights, seed=cfg.seed)
+    return backbone_weights_id(cfg)
 
 
 def _svm_metadata(cfg: RunConfig, data, meta: dict, *, weights_sha: str) -> dict:
-    from carclf.models import InputConfig, MODELS
+    from carclf.models import InputConfig, _architecture
 
-    # The backbone's input config without building it: its registered defaults at our image size.
-    base = MODELS[cfg.svm.backbone].factory().input_config
+    # The backbone's input config without building it: its registered defaults at our image size. A stack's
+    # members normalise their own input (`members`), so the stack takes images in [0, 1].
+    members = [{"backbone": name, "features": cfg.svm.features, "mean": list(_architecture(name).input_config.mean),
+                "std": list(_architecture(name).input_config.std)} for name, _ in cfg.svm.members()]
+    base = InputConfig(mean=tuple(members[0]["mean"]), std=tuple(members[0]["std"]))
+    if len(members) > 1:
+        base = InputConfig(mean=(0.0,) * 3, std=(1.0,) * 3)
     ic = InputConfig(size=cfg.data.image_size, mean=base.mean, std=base.std)
+    weights = cfg.svm.backbone_weights
     return {"classes": data.classes, "kind": "svm", "model": "svm", "backbone": cfg.svm.backbone,
-            "backbone_weights": cfg.svm.backbone_weights, "backbone_sha256": weights_sha,
-            "features": cfg.svm.features, "feature_dim": meta.get("feature_dim"), "input_config": asdict(ic)}
+            "backbone_weights": weights if isinstance(weights, str) else list(weights),
+            "backbone_sha256": weights_sha, "features": cfg.svm.features, "feature_dim": meta.get("feature_dim"),
+            "input_config": asdict(ic), **({"members": members} if len(members) > 1 else {})}
 
 
 # --------------------------------------------------------------------------- evaluation and logging

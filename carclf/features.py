@@ -160,6 +160,16 @@ def weights_id(name: str, weights: str, *, seed: int) -> str:
     return weights_sha256(name, weights) or f"random-seed{seed}"
 
 
+def backbone_weights_id(cfg: RunConfig) -> str:
+    """weights_id of the SVM's backbone; a stack's joins its members' ids in order."""
+    return "+".join(weights_id(name, weights, seed=cfg.seed) for name, weights in cfg.svm.members())
+
+
+def member_config(cfg: RunConfig, name: str, weights: str) -> RunConfig:
+    """`cfg` as an SVM on one member of its stack sees it: that member's features have their own cache entry."""
+    return cfg.model_copy(update={"svm": cfg.svm.model_copy(update={"backbone": name, "backbone_weights": weights})})
+
+
 def augments_train_features(cfg: RunConfig, frame: pd.DataFrame | None = None) -> bool:
     """Whether random augmentation (hence the seed) touches the train split's features.
 
@@ -205,8 +215,7 @@ def manifest_train_key(cfg: RunConfig, manifest: pd.DataFrame) -> dict:
 
     train = balance(manifest[manifest["split"] == "train"], mode=cfg.balance.mode,
                     samples_per_class=cfg.balance.samples_per_class, seed=cfg.seed)
-    sha = weights_id(cfg.svm.backbone, cfg.svm.backbone_weights, seed=cfg.seed)
-    return split_key(cfg, manifest_hash(manifest), train, "train", weights_sha=sha)
+    return split_key(cfg, manifest_hash(manifest), train, "train", weights_sha=backbone_weights_id(cfg))
 
 
 def _pass_batches(placed, frame: pd.DataFrame, cfg: RunConfig, input_config, copy_index: int | None):
@@ -272,7 +281,10 @@ def backbone_stats(backbone) -> dict:
 
 def split_features(cfg: RunConfig, data, *, device: torch.device, splits=SPLITS, progress: bool = False,
                    cache: FeatureCache | None = None) -> dict[str, FeatureSet]:
-    """Features for each split: from the cache where present; the backbone is built only on a miss."""
+    """Features for each split: from the cache where present; the backbone is built only on a miss.
+    A stack's features are its members' (each from its own cache entry) side by side."""
+    if len(cfg.svm.members()) > 1:
+        return _stacked_features(cfg, data, device=device, splits=splits, progress=progress, cache=cache)
     cache = cache if cache is not None else cache_for(cfg)
     keys = split_keys(cfg, data, splits)
     found = {s: cache.load(k) for s, k in keys.items()}
@@ -286,7 +298,12 @@ def split_features(cfg: RunConfig, data, *, device: torch.device, splits=SPLITS,
 
 def fill_features(cfg: RunConfig, data, *, device: torch.device, splits=SPLITS, progress: bool = False,
                   cache: FeatureCache | None = None) -> list[str]:
-    """Extract the splits whose features the cache lacks (nothing is read back); the splits it extracted."""
+    """Extract the splits whose features the cache lacks (nothing is read back); the splits it extracted.
+    A stack fills each member's own entries."""
+    if len(cfg.svm.members()) > 1:
+        filled = [fill_features(member_config(cfg, name, weights), data, device=device, splits=splits,
+                                progress=progress, cache=cache) for name, weights in cfg.svm.members()]
+        return sorted({s for f in filled for s in f})
     cache = cache if cache is not None else cache_for(cfg)
     missing = {s: k for s, k in split_keys(cfg, data, splits).items() if not cache.contains(k)}
     _extract_missing(cfg, data, missing, cache, device=device, progress=progress)
@@ -319,12 +336,49 @@ def _extract_missing(cfg: RunConfig, data, missing: dict[str, dict], cache: Feat
     return out
 
 
+def _stacked_features(cfg: RunConfig, data, *, device, splits, progress: bool, cache) -> dict[str, FeatureSet]:
+    """Each member's features (split_features of the member alone), concatenated column-wise per split.
+
+    Each column is standardised by the SVM's scaler (fitted on train), so no member's scale dominates.
+    """
+    parts = [split_features(member_config(cfg, name, weights), data, device=device, splits=splits,
+                            progress=progress, cache=cache) for name, weights in cfg.svm.members()]
+    out = {}
+    for s in splits:
+        sets = [p[s] for p in parts]
+        if any(x.paths != sets[0].paths for x in sets):
+            raise RuntimeError(f"the stack's members' {s} features are not of the same rows")
+        meta = {key: sum(float(x.meta.get(key, 0.0)) for x in sets)
+                for key in ("seconds", "seconds_per_image", "backbone_params", "backbone_size_mb", "feature_dim")}
+        meta.update(device=sets[0].meta.get("device"), cached=all(x.meta.get("cached") for x in sets),
+                    backbone_params=int(meta["backbone_params"]), feature_dim=int(meta["feature_dim"]))
+        out[s] = FeatureSet(np.concatenate([x.features for x in sets], axis=1), sets[0].labels, sets[0].paths, meta)
+    return out
+
+
 def build_feature_backbone(cfg: RunConfig):
     """The run's feature backbone, as extraction builds it (also what a logged SVM model ships)."""
     from carclf.models import build_backbone
+
+    if len(cfg.svm.members()) > 1:
+        return _stacked_backbone(cfg)
     from carclf.training import seed_everything
 
     # Seeded so a randomly initialised backbone ('none' weights) matches its cache key.
     seed_everything(cfg.seed)
     return build_backbone(cfg.svm.backbone, weights=cfg.svm.backbone_weights, features=cfg.svm.features,
                           image_size=cfg.data.image_size)
+
+
+def _stacked_backbone(cfg: RunConfig):
+    """A stack's members side by side, each normalising its own input: images in [0, 1] -> the concatenation."""
+    from carclf.car_classifier import Normalised, StackedFeatures
+    from carclf.registry import InputConfig
+
+    parts = [build_feature_backbone(member_config(cfg, name, weights)) for name, weights in cfg.svm.members()]
+    stack = StackedFeatures([Normalised(p, p.input_config.mean, p.input_config.std) for p in parts]).eval()
+    stack.feature_dim = sum(p.feature_dim for p in parts)
+    stack.input_config = InputConfig(size=cfg.data.image_size, mean=(0.0,) * 3, std=(1.0,) * 3)
+    shas = [p.weights_sha256 for p in parts]
+    stack.weights_sha256 = None if None in shas else "+".join(shas)
+    return stack

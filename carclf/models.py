@@ -25,12 +25,12 @@ from sklearn.pipeline import Pipeline
 from torch import nn
 
 from carclf.car_classifier import SimpleCNN  # noqa: F401 - the baseline, part of this registry's interface
-from carclf.car_classifier import NETWORKS, FeatureExtractor, feature_trunk, set_head
+from carclf.car_classifier import NETWORKS, FeatureExtractor, feature_trunk, is_zoo_name, set_head
 from carclf.errors import ConfigError, WeightsError
 # The registry's records and the weights live in their own modules; this module is their public face.
 from carclf.registry import (FEATURE_MODES, FINETUNE_MODES, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
-                             MODELS, Architecture, InputConfig, ModelSpec, _architecture, _networks, is_network,
-                             list_models, min_image_size, register_model)
+                             MODELS, Architecture, InputConfig, ModelSpec, _architecture, _networks, image_size_problem,
+                             is_network, list_models, min_image_size, register_model)
 from carclf.svm import SVM_CALIBRATION_FOLDS, calibration_folds, svm_pipeline  # noqa: F401 - the SVM head
 from carclf.weights import (file_sha256, mobilenet_v2_weights_file, resolve_weights,  # noqa: F401
                             weights_sha256)
@@ -46,7 +46,10 @@ def _set_head(model: nn.Module, arch: Architecture, num_classes: int) -> None:
 
 
 def _load_into(model: nn.Module, arch: Architecture, state: dict, source: str) -> None:
-    """Strict load; a file whose head has other rows than the model's (a fine-tuned model) resizes the head first."""
+    """Strict load; a file whose head has other rows than the model's (a fine-tuned model) resizes the head first.
+    A file in another naming the architecture knows (the lite0 wheel's) is mapped onto the model's names first."""
+    if arch.adapt_state is not None:
+        state = arch.adapt_state(state)
     head_rows = state.get(f"{arch.network.head}.weight")
     if head_rows is not None and head_rows.ndim == 2 and head_rows.shape[0] != _linear_head(model, arch).out_features:
         _set_head(model, arch, head_rows.shape[0])
@@ -60,8 +63,9 @@ def _network_with_weights(name: str, weights, image_size: int | None, **kw) -> t
     """Build the network, load its weights; returns (model, architecture, whether weights were loaded)."""
     arch = _architecture(name)
     size = image_size or arch.input_config.size
-    if size < arch.min_size:
-        raise ConfigError(f"image_size={size} is below {name}'s minimum of {arch.min_size} px")
+    problem = image_size_problem(name, size)
+    if problem:
+        raise ConfigError(problem)
     state, sha = resolve_weights(name, weights)  # first: a missing file fails before a slow build
     model = arch.network.make(**kw)
     model.build_kwargs = dict(kw)  # logged with the model, so it can be rebuilt without carclf
@@ -135,9 +139,10 @@ def build_backbone(name: str, *, weights="imagenet", features: str = "gap", imag
     if features not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {', '.join(FEATURE_MODES)}, got {features!r}")
     model, arch, _ = _network_with_weights(name, weights, image_size)
+    head_inputs = _linear_head(model, arch).in_features  # read before a zoo model's trunk drops its head
     trunk = feature_trunk(name, model, features)
-    if features == "penultimate" and arch.network.penultimate is not None:
-        dim = _linear_head(model, arch).in_features
+    if (features == "penultimate" and arch.network.penultimate is not None) or is_zoo_name(name):
+        dim = head_inputs  # the classifier's input: a zoo model's pooled pre-logits in either mode
     else:
         dim = _trunk_channels(trunk, arch.min_size)
     return Backbone(trunk, dim, model.input_config, model.weights_sha256).eval()

@@ -43,14 +43,14 @@ def probe_feature_mode(name: str) -> str:
 
 def probe_problem(name: str, weights: str) -> str | None:
     """Why `model.finetune: probe` cannot apply to network `name` with `weights`, or None if it can."""
-    from carclf.models import MODELS, is_network
+    from carclf.models import _architecture, is_network
 
     if not is_network(name):
         return (f"model.finetune 'probe' trains a network's head on its frozen backbone; {name!r} is not a network "
                 "(an SVM reads its features through svm.backbone)")
     # A state_dict file, or a torchvision architecture (ImageNet weights; 'none' freezes a random init, as `head` does)
     from_file = str(weights).lower() not in ("imagenet", "none")
-    if not from_file and MODELS[name].factory().imagenet is None:
+    if not from_file and _architecture(name).imagenet is None:
         return (f"model.finetune 'probe' needs a pretrained backbone to freeze; {name} has none with "
                 f"model.weights={weights!r}: use finetune 'head' or 'full', or set model.weights to a state_dict path")
     return None

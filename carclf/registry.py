@@ -7,12 +7,14 @@ it first, so they answer the same whichever module a caller imported. Users impo
 
 from __future__ import annotations
 
+import difflib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from carclf.car_classifier import Network
+from carclf.car_classifier import Network, is_zoo_name
 from carclf.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,6 +44,9 @@ class Architecture:
     offline_file: Callable[[], Path | None] | None = None  # a pip-installed copy of the ImageNet file
     input_config: InputConfig = InputConfig()
     min_size: int = 32  # smallest input the network's strides and pools accept
+    fixed_size: int | None = None  # the only input side it reads (a ViT's position embeddings); None: any size
+    # maps a state_dict in another naming onto this network's (the lite0 wheel's file onto timm's model)
+    adapt_state: Callable[[dict], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,23 @@ def list_models() -> list[str]:
 
 def _spec(name: str) -> ModelSpec:
     import carclf.models  # noqa: F401 - importing it registers the built-in models
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
-    return MODELS[name]
+    if name in MODELS:
+        return MODELS[name]
+    if is_zoo_name(name):  # torchvision/<model>, timm/<model>: resolved (and checked) by carclf.zoo
+        from carclf import zoo
+
+        zoo.parse_name(name)
+        return ModelSpec(name, "network", functools.partial(zoo.architecture, name))
+    close = difflib.get_close_matches(name, list_models(), n=3)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise ConfigError(f"unknown model {name!r}{hint}; allowed: {', '.join(list_models())}, or a zoo model "
+                      "torchvision/<model> or timm/<model> (`carclf models` lists them)")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it names a registered model or a zoo model; ConfigError with the closest names if not."""
+    _spec(name)
+    return name
 
 
 def is_network(name: str) -> bool:
@@ -95,6 +114,16 @@ def _architecture(name: str) -> Architecture:
 def min_image_size(name: str) -> int:
     """The smallest square input (px) network `name` accepts."""
     return _architecture(name).min_size
+
+
+def image_size_problem(name: str, size: int) -> str | None:
+    """Why network `name` cannot read `size` px images, or None if it can."""
+    arch = _architecture(name)
+    if arch.fixed_size is not None and size != arch.fixed_size:
+        return f"{name} reads {arch.fixed_size} px images only; set data.image_size to {arch.fixed_size}"
+    if size < arch.min_size:
+        return f"image_size={size} is below {name}'s minimum of {arch.min_size} px"
+    return None
 
 
 def _networks() -> list[str]:

@@ -335,6 +335,11 @@ _MODEL_PACKAGES = ("torch", "torchvision", "numpy", "pandas", "pillow")
 _SVM_PACKAGES = ("scikit-learn", "skops")
 
 
+def _zoo_packages(name: str) -> tuple[str, ...]:
+    """A timm architecture (timm/<model>, alone or in a stack) needs timm where the model loads."""
+    return ("timm",) if "timm/" in str(name) else ()
+
+
 def log_network_model(model, *, input_example: list[bytes], metadata: dict[str, Any]):
     """Log a trained carclf network as `model`: one pyfunc model from photo bytes to class names.
 
@@ -348,7 +353,7 @@ def log_network_model(model, *, input_example: list[bytes], metadata: dict[str, 
             "kwargs": _jsonable(getattr(model, "build_kwargs", {}))}
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {"spec": _write_spec(spec, tmp), "weights": _save_state_dict(model, tmp)}
-        return _log_classifier(artifacts, input_example, metadata, _MODEL_PACKAGES)
+        return _log_classifier(artifacts, input_example, metadata, _MODEL_PACKAGES + _zoo_packages(metadata["model"]))
 
 
 def log_svm_model(pipeline, backbone, *, input_example: list[bytes], metadata: dict[str, Any]):
@@ -369,12 +374,14 @@ def log_svm_model(pipeline, backbone, *, input_example: list[bytes], metadata: d
                             "add them to SVM_TRUSTED_TYPES in carclf/car_classifier.py if they are safe")
     spec = {"version": SPEC_VERSION, "kind": "svm", "classes": list(metadata["classes"]),
             "input_config": _jsonable(metadata["input_config"]), "backbone": metadata["backbone"],
-            "features": metadata.get("features", "gap")}
+            "features": metadata.get("features", "gap"),
+            **({"members": metadata["members"]} if metadata.get("members") else {})}
     with tempfile.TemporaryDirectory() as tmp:
         svm_path = str(Path(tmp) / "svm.skops")
         skops.io.dump(pipeline, svm_path)
         artifacts = {"spec": _write_spec(spec, tmp), "weights": _save_state_dict(backbone, tmp), "svm": svm_path}
-        return _log_classifier(artifacts, input_example, metadata, _MODEL_PACKAGES + _SVM_PACKAGES)
+        return _log_classifier(artifacts, input_example, metadata,
+                               _MODEL_PACKAGES + _SVM_PACKAGES + _zoo_packages(metadata["backbone"]))
 
 
 def _write_spec(spec: dict, folder: str) -> str:

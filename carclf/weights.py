@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from carclf.car_classifier import load_state_dict
+from carclf.car_classifier import is_zoo_name, load_state_dict
 from carclf.errors import ConfigError, WeightsError
 from carclf.registry import _MOBILENET_V2_PACKAGE, MOBILENET_V2_FILE, Architecture, _architecture, is_network
 
@@ -54,20 +54,47 @@ def _load_state_dict_file(path: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (expected 'imagenet', 'none' or a state_dict path)")
     try:
+        if path.suffix == ".safetensors":  # the Hugging Face hub's format (timm's pretrained files)
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
         return load_state_dict(str(path))
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise WeightsError(f"cannot read a state_dict from {path}: {type(e).__name__}: {e}") from e
 
 
 def _imagenet_file(arch: Architecture) -> Path:
-    """Where the ImageNet file is: torch's hub cache, else a pip-installed copy; the cache path if neither."""
+    """Where the ImageNet file is: torch's hub cache, else a pip-installed copy; the cache path if neither.
+    A timm model's file: the Hugging Face (or torch hub) cache, else a pip-installed copy."""
+    from carclf.zoo import HubWeights
+
+    if isinstance(arch.imagenet, HubWeights):
+        found = arch.imagenet.cached() or (arch.offline_file() if arch.offline_file is not None else None)
+        return found or arch.imagenet.missing_path()
     path = Path(torch.hub.get_dir()) / "checkpoints" / arch.imagenet.url.rsplit("/", 1)[-1]
     if not path.is_file() and arch.offline_file is not None:
         path = arch.offline_file() or path
     return path
 
 
+def _hub_weights(name: str, arch: Architecture) -> tuple[dict, str]:
+    """A timm model's pretrained file: from its cache, a pip-installed copy, else downloaded into the cache."""
+    path = _imagenet_file(arch)
+    if not path.is_file():
+        try:
+            path = arch.imagenet.download()
+        except Exception as e:  # offline, proxy, a repository gone: the user must supply the file
+            raise WeightsError(f"pretrained weights for {name} are not available: not in the cache and the "
+                               f"download failed ({type(e).__name__}: {str(e)[:200]}). Put "
+                               f"{arch.imagenet.where()}; or use weights='none' for random init.") from None
+    return _load_state_dict_file(path), file_sha256(path)
+
+
 def _imagenet_weights(name: str, arch: Architecture) -> tuple[dict, str]:
+    from carclf.zoo import HubWeights
+
+    if isinstance(arch.imagenet, HubWeights):
+        return _hub_weights(name, arch)
     url = arch.imagenet.url
     file_name = url.rsplit("/", 1)[-1]
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -95,6 +122,10 @@ def resolve_weights(name: str, weights: str | Path | None) -> tuple[dict | None,
         raise ConfigError(f"model {name!r} takes no weights (got {weights!r}); its backbone does")
     arch = _architecture(name)
     if isinstance(weights, str) and weights.lower() == "imagenet":
+        if arch.imagenet is None and is_zoo_name(name):
+            from carclf.zoo import no_pretrained
+
+            raise no_pretrained(name)
         if arch.imagenet is None:
             # a from-scratch model has no pretrained file: 'imagenet' (the config default) means random init
             log.info("%s has no ImageNet weights; it starts from random init", name)

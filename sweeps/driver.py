@@ -181,12 +181,19 @@ def _resolve_weights_paths(spec: SweepSpec) -> SweepSpec:
         d = json.loads(json.dumps(d))
         for section, name in (("model", "weights"), ("svm", "backbone_weights")):
             value = d.get(section, {}).get(name)
-            if value and value not in ("imagenet", "none"):
-                d[section][name] = str(_absolute(value, f"{where}.{section}.{name}", True))
+            if isinstance(value, list):  # one per member of a stacked backbone
+                d[section][name] = [_weights_path(v, f"{where}.{section}.{name}") for v in value]
+            elif value:
+                d[section][name] = _weights_path(value, f"{where}.{section}.{name}")
         return d
 
     models = {k: e.model_copy(update={"config": fix(e.config, f"models.{k}.config")}) for k, e in spec.models.items()}
     return spec.model_copy(update={"base": fix(spec.base, "base"), "models": models})
+
+
+def _weights_path(value: str, where: str) -> str:
+    """A weights keyword as it is, a file made absolute."""
+    return value if value in ("imagenet", "none") else str(_absolute(value, where, True))
 
 
 def warm_decode_cache(spec: SweepSpec, overrides: dict) -> None:
@@ -217,8 +224,9 @@ def _weights_files(spec: SweepSpec) -> list[str]:
         cfg = spec.base_config(key)
         for section, name in (("model", "weights"), ("svm", "backbone_weights")):
             value = cfg.get(section, {}).get(name)
-            if value and value not in ("imagenet", "none"):
-                files.add(str(value))
+            for each in value if isinstance(value, list) else [value]:
+                if each and each not in ("imagenet", "none"):
+                    files.add(str(each))
     return sorted(files)
 
 

@@ -166,10 +166,23 @@ class SVMSpace(_Space):
                                         "gamma_factor": "svm.gamma_factor", "backbone": "svm.backbone", **_SHARED}
     kernel: _param(Literal["linear", "rbf", "logistic"]) | None = None
     # A searched backbone: each one's features are extracted once and shared by every trial that picks it.
+    # A choice may be a stack, [a, b] (written a+b, as svm.backbone writes it).
     backbone: _param(str) | None = None
     C: FloatParam | None = FloatRange(low=0.01, high=100.0, log=True)
     gamma: _param(Union[Literal["scale"], float], GammaRange) | None = None  # only used by rbf trials
     gamma_factor: FloatParam | None = None  # times the 'scale' gamma (carclf.svm); rbf trials only
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _stacks_as_text(cls, v):
+        from carclf.car_classifier import STACK_SEPARATOR
+
+        def text(x):
+            return STACK_SEPARATOR.join(map(str, x)) if isinstance(x, (list, tuple)) else x
+
+        if isinstance(v, dict) and isinstance(v.get("choices"), list):
+            return {**v, "choices": [text(x) for x in v["choices"]]}
+        return text(v)
 
     @model_validator(mode="after")
     def _gamma_or_factor(self) -> "SVMSpace":

@@ -29,29 +29,41 @@ def preflight(spec: SweepSpec) -> None:
     """Refuse a sweep whose trials could not run, before any trial starts (see the module docstring)."""
     configs = {key: validate_run_config(spec.base_config(key)) for key in spec.models}
     for key, cfg in configs.items():
-        check_weights(key, cfg)
+        check_weights(key, cfg, spec)
     prepared: dict[str, object] = {}  # one scan per distinct data setting
     for key, cfg in configs.items():
         check_data(key, cfg, decode=spec.warm_cache, prepared=prepared)
 
 
-def _weights(cfg: RunConfig) -> tuple[str, str, str]:
-    """(field, network, weights) that a family's trials load."""
+def _weights(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """(field, network, weights) of each network a family's trials load (an SVM: each backbone of its stack)."""
     if cfg.is_svm:
-        return "svm.backbone_weights", cfg.svm.backbone, cfg.svm.backbone_weights
-    return "model.weights", cfg.model.name, cfg.model.weights
+        return [("svm.backbone_weights", name, weights) for name, weights in cfg.svm.members()]
+    return [("model.weights", cfg.model.name, cfg.model.weights)]
 
 
-def check_weights(key: str, cfg: RunConfig) -> None:
-    """The family's weights file is there (or downloads); hashed, not loaded, so VGG16's costs seconds."""
+def _searched_backbones(spec: SweepSpec, key: str, cfg: RunConfig) -> list[RunConfig]:
+    """The family's config with each backbone its space may pick (none unless it searches `backbone`)."""
+    from sweeps.params import _candidates
+
+    searched = getattr(spec.model_space(key), "backbone", None) if cfg.is_svm else None
+    if searched is None:
+        return []
+    return [cfg.model_copy(update={"svm": cfg.svm.model_copy(update={"backbone": b})}) for b in _candidates(searched)]
+
+
+def check_weights(key: str, cfg: RunConfig, spec: SweepSpec | None = None) -> None:
+    """The family's weights files are there (or download), each backbone its space may pick included; hashed,
+    not loaded, so VGG16's costs seconds."""
     from carclf.models import weights_sha256
 
-    field, network, weights = _weights(cfg)
-    try:
-        weights_sha256(network, weights)
-    except CarclfError as e:
-        raise SweepError(f"models.{key}: {field} {weights!r} of {network} cannot be used, so every {key} trial "
-                         f"would fail: {e}") from None
+    for each in [cfg, *(_searched_backbones(spec, key, cfg) if spec is not None else [])]:
+        for field, network, weights in _weights(each):
+            try:
+                weights_sha256(network, weights)
+            except CarclfError as e:
+                raise SweepError(f"models.{key}: {field} {weights!r} of {network} cannot be used, so every {key} "
+                                 f"trial on it would fail: {e}") from None
 
 
 def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> None:

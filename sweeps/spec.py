@@ -312,17 +312,20 @@ def _check_model(spec: SweepSpec, key: str, source: str) -> None:
 
 def _check_image_size(cfg: RunConfig, key: str, source: str) -> None:
     """The family's images must be large enough for its network (an SVM: for its feature backbone)."""
-    from carclf.models import min_image_size
+    from carclf.config import backbone_members
+    from carclf.models import image_size_problem, min_image_size
 
     field, net = ("svm.backbone", cfg.svm.backbone) if cfg.is_svm else ("model", cfg.model.name)
     try:
-        need = min_image_size(net)
+        need = max(min_image_size(n) for n in backbone_members(net))  # a stack: its most demanding member
     except ConfigError as e:
         raise ConfigError(f"invalid {source}:\n  models.{key}: {field}: {e}") from None
     if cfg.data.image_size < need:
         raise ConfigError(f"invalid {source}:\n  models.{key}: data.image_size {cfg.data.image_size} is below the "
                           f"minimum of {net} ({need} px); set base.data.image_size (or models.{key}.config.data."
                           f"image_size) to at least {need}")
+    for problem in filter(None, (image_size_problem(n, cfg.data.image_size) for n in backbone_members(net))):
+        raise ConfigError(f"invalid {source}:\n  models.{key}: {problem}")  # a network that reads one size only
 
 
 def _check_scheduler(spec: SweepSpec, source: str) -> None:

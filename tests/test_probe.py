@@ -182,7 +182,7 @@ def test_the_gpu_sweep_fine_tunes_whole_networks_on_cuda():
     from sweeps.spec import load_sweep_spec
 
     spec = load_sweep_spec(SWEEPS / "model10-gpu.yaml")
-    assert set(spec.models) == {"vgg16", "alexnet", "mobilenet_v2"}
+    assert set(spec.models) == {"vgg16", "alexnet", "mobilenet_v2", "convnext_tiny"}
     for key in spec.models:
         cfg = spec.run_config({"model": key})
         assert (cfg.model.finetune, cfg.train.device, cfg.train.amp, cfg.model.weights) == ("full", "cuda", True,

@@ -31,7 +31,8 @@ def test_shipped_sweeps_are_valid(name):
 
 def test_toyota_packs_small_trials_on_one_gpu():
     spec = load_sweep_spec(SWEEPS / "toyota.yaml")
-    assert {spec.model_name(k) for k in spec.models} == {"vgg16", "alexnet", "simple_cnn", "svm"}
+    assert {spec.model_name(k) for k in spec.models} == {"vgg16", "alexnet", "timm/convnext_tiny.fb_in22k_ft_in1k",
+                                                         "simple_cnn", "svm"}
     assert spec.models["vgg16"].resources.gpu == 1
     assert 0 < spec.models["svm_rbf"].resources.gpu < 1
 
