@@ -61,8 +61,10 @@ class ModelConfig(_Frozen):
     name: str = "simple_cnn"
     weights: str = "imagenet"  # 'imagenet' | 'none' | a path to a local state_dict
     # transfer learning: train the new head only, everything, or (probe) the head on cached features of the
-    # frozen backbone, which runs once (carclf.probe)
-    finetune: Literal["head", "full", "probe"] = "head"
+    # frozen backbone, which runs once (carclf.probe), or (top) the last top_blocks blocks and the head on cached
+    # activations of the frozen trunk below them (carclf.top)
+    finetune: Literal["head", "full", "probe", "top"] = "head"
+    top_blocks: int = Field(default=2, ge=1)  # finetune 'top': how many of the network's last blocks train
 
     @field_validator("name")
     @classmethod
@@ -77,6 +79,12 @@ class ModelConfig(_Frozen):
             from carclf.probe import probe_problem
 
             problem = probe_problem(self.name, self.weights)
+            if problem:
+                raise ValueError(problem)
+        if self.finetune == "top":
+            from carclf.top import top_problem
+
+            problem = top_problem(self.name, self.weights, self.top_blocks)
             if problem:
                 raise ValueError(problem)
         return self

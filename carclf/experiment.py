@@ -96,6 +96,8 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
         branch = _run_network if kind == "network" else _run_svm
         if cfg.model.finetune == "probe":  # a network's head on cached features of its frozen backbone
             from carclf.probe import run_probe as branch
+        if cfg.model.finetune == "top":  # the last blocks on cached activations of the frozen trunk
+            from carclf.top import run_top as branch
         outcome = branch(cfg, data, on_epoch=step, evaluate_test=evaluate_test, progress=progress)
         result = _evaluate_and_log(cfg, data, outcome, run.info.run_id, log_model=log_model)
     return result

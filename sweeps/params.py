@@ -152,13 +152,14 @@ class SharedSpace(_Space):
 class NetworkSpace(_Space):
     FIELDS: ClassVar[dict[str, str]] = {"lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
               "finetune": "model.finetune", "weight_decay": "train.weight_decay", "optimizer": "train.optimizer",
-              **_SHARED}
+              "top_blocks": "model.top_blocks", **_SHARED}
     lr: FloatParam | None = FloatRange(low=1e-4, high=1e-2, log=True)
     epochs: IntParam | None = None
     batch_size: IntParam | None = None
-    finetune: _param(Literal["head", "full", "probe"]) | None = None
+    finetune: _param(Literal["head", "full", "probe", "top"]) | None = None
     weight_decay: FloatParam | None = None
     optimizer: _param(Literal["adamw", "sgd"]) | None = None
+    top_blocks: IntParam | None = None  # finetune 'top': how many of the last blocks train (carclf.top)
 
 
 class SVMSpace(_Space):

@@ -32,7 +32,9 @@ def preflight(spec: SweepSpec) -> None:
         check_weights(key, cfg, spec)
     prepared: dict[str, object] = {}  # one scan per distinct data setting
     for key, cfg in configs.items():
-        check_data(key, cfg, decode=spec.warm_cache, prepared=prepared)
+        data = check_data(key, cfg, decode=spec.warm_cache, prepared=prepared)
+        if data is not None and not cfg.is_svm:
+            check_top_cache(key, spec, cfg, data)
 
 
 def _weights(cfg: RunConfig) -> list[tuple[str, str, str]]:
@@ -66,7 +68,8 @@ def check_weights(key: str, cfg: RunConfig, spec: SweepSpec | None = None) -> No
                                  f"trial on it would fail: {e}") from None
 
 
-def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> None:
+def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict):
+    """The family's data (prepared, memoised in `prepared`), or None when its folder is not on this machine."""
     from carclf.data import prepare_data
     from carclf.models import SVM_CALIBRATION_FOLDS
 
@@ -77,7 +80,7 @@ def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> Non
     if not folder.is_dir():
         log.info("models.%s: data folder %s is not on this machine; its classes are checked by the trials", key,
                  folder)
-        return
+        return None
     data_cfg = cfg.data.model_copy(update={"path": folder, "cache_dir": cfg.data.cache_dir and
                                             paths.locate(cfg.data.cache_dir)})
     cfg = cfg.model_copy(update={"data": data_cfg})
@@ -89,7 +92,7 @@ def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> Non
     except CarclfError as e:
         raise SweepError(f"models.{key}: {e}") from None
     if not cfg.is_svm:
-        return
+        return prepared[memo]
     counts = prepared[memo].train["class"].value_counts() * cfg.svm.augment_copies
     smallest, n = counts.idxmin(), int(counts.min())
     if n < 2:
@@ -100,3 +103,27 @@ def check_data(key: str, cfg: RunConfig, *, decode: bool, prepared: dict) -> Non
     if n < SVM_CALIBRATION_FOLDS:
         log.warning("models.%s: class %r has %d training images, so its SVM probabilities are calibrated with %d "
                     "folds instead of %d", key, smallest, n, n, SVM_CALIBRATION_FOLDS)
+    return prepared[memo]
+
+
+def check_top_cache(key: str, spec: SweepSpec, cfg: RunConfig, data) -> None:
+    """A `finetune: top` family's trunk activations fit the cache folder and RAM, for every top_blocks (and
+    augmentation, which adds the mirrored copy) its trials may draw."""
+    from carclf.top import check_planned_room
+    from sweeps.params import _candidates
+
+    params = spec.model_params(key)
+    finetunes = _candidates(params.get("finetune", cfg.model.finetune))
+    if "top" not in finetunes:
+        return
+    blocks = _candidates(params.get("top_blocks", cfg.model.top_blocks))
+    strength = max(_candidates(params.get("augment_strength", cfg.augment.strength)))
+    located = cfg.data.model_copy(update={"cache_dir": cfg.data.cache_dir and paths.locate(cfg.data.cache_dir)})
+    for k in blocks:
+        trial = cfg.model_copy(update={"model": cfg.model.model_copy(update={"finetune": "top", "top_blocks": k}),
+                                       "augment": cfg.augment.model_copy(update={"strength": strength}),
+                                       "data": located})
+        try:
+            check_planned_room(trial, data)
+        except CarclfError as e:
+            raise SweepError(f"models.{key}: {e}") from None

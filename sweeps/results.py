@@ -27,10 +27,11 @@ PARAM_COLUMNS = {"kernel": "svm.kernel", "C": "svm.C", "gamma": "svm.gamma", "ga
                  "backbone": "svm.backbone",
                  "lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
                  "finetune": "model.finetune", "weight_decay": "train.weight_decay",
-                 "optimizer": "train.optimizer", "augment_strength": "augment.strength",
+                 "optimizer": "train.optimizer", "top_blocks": "model.top_blocks",
+                 "augment_strength": "augment.strength",
                  "samples_per_class": "balance.samples_per_class", "image_size": "data.image_size"}
 _SVM_ONLY = {"kernel", "C", "gamma", "gamma_factor", "backbone"}
-_NETWORK_ONLY = {"lr", "epochs", "batch_size", "finetune", "weight_decay", "optimizer"}
+_NETWORK_ONLY = {"lr", "epochs", "batch_size", "finetune", "weight_decay", "optimizer", "top_blocks"}
 
 
 def _choose_run(runs: list):
@@ -66,6 +67,8 @@ def _param_values(spec: SweepSpec, config: dict) -> dict:
             continue
         if col == "finetune" and not finetune_applies(cfg["model"]["name"], cfg["model"]["weights"]):
             continue  # a network trained from scratch trains whole either way
+        if col == "top_blocks" and cfg["model"]["finetune"] != "top":
+            continue
         section, key = dotted.split(".")
         value = cfg[section][key]
         out[col] = str(value) if col == "gamma" else value

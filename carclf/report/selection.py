@@ -31,8 +31,9 @@ SWEEP_MODEL_TAG = "carclf.sweep_model"  # the sweep's model entry (svm_linear, s
 STOPPED_TAG = "carclf.stopped_early"  # set by the sweep runner on trials the scheduler stopped
 BASELINE_TAG = "carclf.baseline"  # "true" on the trial of a family's default configuration (sweeps since issue 16)
 # The searched settings shown as a model's "chosen configuration"; the full config is the run's config.yaml.
-NETWORK_KEYS = ("model.weights", "model.finetune", "train.optimizer", "train.lr", "train.weight_decay",
-                "train.epochs", "train.batch_size", "augment.strength", "balance.mode", "balance.samples_per_class")
+NETWORK_KEYS = ("model.weights", "model.finetune", "model.top_blocks", "train.optimizer", "train.lr",
+                "train.weight_decay", "train.epochs", "train.batch_size", "augment.strength", "balance.mode",
+                "balance.samples_per_class")
 SVM_KEYS = ("svm.backbone", "svm.backbone_weights", "svm.features", "svm.kernel", "svm.C", "svm.gamma",
             "svm.gamma_factor", "augment.strength", "balance.mode", "balance.samples_per_class")
 
@@ -225,6 +226,8 @@ def configuration_keys(cfg: RunConfig) -> tuple[str, ...]:
     else:
         keys = NETWORK_KEYS
         unused = set() if finetune_applies(cfg.model.name, cfg.model.weights) else {"model.finetune"}
+        if cfg.model.finetune != "top":
+            unused.add("model.top_blocks")
     if cfg.balance.mode == "none":
         unused.add("balance.samples_per_class")
     return tuple(k for k in keys if k not in unused)
