@@ -17,6 +17,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.text import Text
 
 FAMILY, METRIC = "svm_rbf", "val_f1_macro"
+N_TRIALS = 24  # enough for the importance figure (sweeps.analysis.MIN_IMPORTANCE_TRIALS)
 
 
 def _study():
@@ -30,7 +31,7 @@ def _study():
              f"{FAMILY}.augment_strength": CategoricalDistribution([0.0, 0.3]),
              f"{FAMILY}.samples_per_class": CategoricalDistribution([None, 60])}
     rng = np.random.default_rng(0)
-    for i in range(8):
+    for i in range(N_TRIALS):
         point = {f"{FAMILY}.C": float(10 ** rng.uniform(-1, 2)), f"{FAMILY}.gamma_factor": float(0.5 * 10 ** rng.uniform(0, 1)),
                  f"{FAMILY}.augment_strength": [0.0, 0.3][i % 2], f"{FAMILY}.samples_per_class": [None, 60][i % 2]}
         value = 0.1 if i == 0 else float(rng.uniform(0.3, 0.9))  # the default trial scores worst
@@ -46,7 +47,7 @@ def sweep_figures():
     study = _study()
     done = study.trials
     history = _history(done, "max", 0)
-    family = FamilyAnalysis(family=FAMILY, trials=8, finished=8, best=None, importance=pd.DataFrame(),
+    family = FamilyAnalysis(family=FAMILY, trials=N_TRIALS, finished=N_TRIALS, best=None, importance=pd.DataFrame(),
                             history=history, choices=pd.DataFrame())
     family.importance, _ = _importance(study, len(done))
     return family_figures(study, METRIC, family)
