@@ -49,7 +49,7 @@ class ExperimentResult:
     infer_seconds_per_image: float
     n_params: int
     size_mb: float
-    infer_ms_per_img: float = float("nan")  # inference per image on the validation split (a sweep objective)
+    infer_ms_per_img: float = float("nan")  # the whole classifier per image (carclf.timing; a sweep objective)
 
 
 @dataclass
@@ -66,7 +66,8 @@ class _Outcome:
     size_mb: float
     metadata: dict
     extra_metrics: dict
-    infer_ms_per_img: float = float("nan")  # on the validation split, so a trial has it without the test split
+    infer_ms_per_img: float = float("nan")  # carclf.timing's, on validation images: a trial has it without test
+    backbone: Any = None  # an SVM's feature backbone, as measured and as its logged model ships it
 
 
 def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, parent_run_id: str | None = None,
@@ -155,6 +156,27 @@ def _class_frequency_png(table: pd.DataFrame, cache_dir) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- inference time
+
+
+def infer_seconds(cfg: RunConfig, data, classify, device) -> float:
+    """Seconds per image of the whole classifier `classify` (carclf.timing) on a few validation images, measured
+    on the run's device and threads. A network does not change speed while it learns: measured once, before
+    training, its epochs report the figure too (a trial a scheduler stops has it)."""
+    from carclf.timing import seconds_per_image, timing_images
+
+    return seconds_per_image(classify, timing_images(cfg, data, device))
+
+
+def with_infer_ms(on_epoch: EpochCallback, seconds: float) -> EpochCallback:
+    """`on_epoch` with each row's `infer_ms_per_img` set to the measured figure."""
+
+    def step(epoch: int, row: dict) -> None:
+        on_epoch(epoch, {**row, "infer_ms_per_img": 1000.0 * seconds})
+
+    return step
+
+
 # --------------------------------------------------------------------------- networks
 
 
@@ -162,6 +184,7 @@ def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progres
     from carclf.data import class_weights
     from carclf.inputs import DeviceBudget, run_batches
     from carclf.models import build_model, count_parameters, model_size_mb
+    from carclf.timing import network_classes
     from carclf.training import evaluate, fit, select_device
 
     n = len(data.classes)
@@ -172,14 +195,13 @@ def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progres
     budget = DeviceBudget(cfg.train.device_data_mb)
     batches = run_batches(cfg, data, ic, device, ("train", "val"), budget=budget)
     weights = class_weights(data.train["label"], n) if cfg.balance.class_weights else None
+    per_image = infer_seconds(cfg, data, network_classes(model, ic, device, amp=cfg.train.amp), device)
     fitted = fit(model, batches["train"], batches["val"], cfg.train, n_classes=n, device=device,
-                 class_weights=weights, on_epoch=on_epoch, progress=progress)
-    test_out, per_image = None, float("nan")
+                 class_weights=weights, on_epoch=with_infer_ms(on_epoch, per_image), progress=progress)
+    test_out = None
     if evaluate_test:  # placed only now: a sweep trial never reads the test split
         test = run_batches(cfg, data, ic, device, ("test",), budget=budget)["test"]
-        t0 = time.perf_counter()
         _, test_out = evaluate(model, test, device, n_classes=n, amp=cfg.train.amp)
-        per_image = (time.perf_counter() - t0) / max(test.n_rows, 1)
     metadata = {"classes": data.classes, "input_config": asdict(ic), "model": cfg.model.name, "kind": "network",
                 "weights": cfg.model.weights, "weights_sha256": getattr(model, "weights_sha256", None)}
     return _Outcome(model=model, history=fitted.history, val=fitted.val_output, test=test_out,
@@ -188,30 +210,31 @@ def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progres
                     metadata=metadata, extra_metrics={"best_epoch": fitted.best_epoch,
                                                       "epochs_run": len(fitted.history),
                                                       "n_params_trainable": count_parameters(model, True)},
-                    # the fastest epoch's validation pass: the model does not change speed while it learns
-                    infer_ms_per_img=min(r["infer_ms_per_img"] for r in fitted.history))
+                    infer_ms_per_img=1000.0 * per_image)
 
 
 # --------------------------------------------------------------------------- SVM on features
 
 
 def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> _Outcome:
-    from carclf.features import split_features
+    import torch
+
+    from carclf.features import build_feature_backbone, split_features
     from carclf.metrics import classification_metrics
     from carclf.models import count_parameters, model_size_mb
     from carclf.svm import fit_svm
+    from carclf.timing import svm_classes
     from carclf.training import select_device
 
     n = len(data.classes)
     splits = ("train", "val", "test") if evaluate_test else ("train", "val")
-    sets = split_features(cfg, data, device=select_device(cfg.train.device), splits=splits, progress=progress)
+    device = select_device(cfg.train.device)
+    sets = split_features(cfg, data, device=device, splits=splits, progress=progress)
     t0 = time.perf_counter()
     pipeline, fitted = fit_svm(cfg.svm, sets["train"].features, sets["train"].labels, seed=cfg.seed)
     fit_seconds = time.perf_counter() - t0
     tracking.set_tags(fitted.tags())  # saturated: every larger C gives this model (a sweep skips those trials)
-    t0 = time.perf_counter()
     val = _svm_predict(pipeline, sets["val"], n)
-    svm_ms = 1000.0 * (time.perf_counter() - t0) / max(len(val.y_true), 1)
     test = _svm_predict(pipeline, sets["test"], n) if evaluate_test else None
     val_metrics = classification_metrics(val.y_true, val.y_pred, scores=val.probs, n_classes=n)
     row = {"epoch": 1, "train_accuracy": float((pipeline.predict(sets["train"].features)
@@ -221,16 +244,19 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
     meta = sets["val"].meta
     extraction = sum(s.meta.get("seconds", 0.0) for s in sets.values() if not s.meta.get("cached"))
     metadata = _svm_metadata(cfg, data, meta, weights_sha=_backbone_sha(cfg))
+    # the backbone runs whether or not its features came from the cache; the logged model ships this one
+    backbone = build_feature_backbone(cfg)
+    per_image = infer_seconds(cfg, data, svm_classes(backbone, pipeline, device), device)
     return _Outcome(model=pipeline, history=[row], val=val, test=test, train_seconds=fit_seconds,
-                    infer_seconds_per_image=_svm_seconds_per_image(pipeline, sets, meta),
+                    infer_seconds_per_image=per_image,
                     n_params=meta.get("backbone_params", 0) + count_parameters(pipeline),
                     size_mb=meta.get("backbone_size_mb", 0.0) + model_size_mb(pipeline), metadata=metadata,
                     extra_metrics={"feature_seconds": extraction, "svm_fit_seconds": fit_seconds,
                                    "feature_cache_hits": sum(bool(s.meta.get("cached")) for s in sets.values()),
                                    "feature_dim": sets["train"].features.shape[1],
                                    "n_train_features": len(sets["train"].labels), **fitted.metrics()},
-                    # the backbone's time per validation image (taken when its features were extracted) + the SVM's
-                    infer_ms_per_img=1000.0 * float(sets["val"].meta.get("seconds_per_image", 0.0)) + svm_ms)
+                    infer_ms_per_img=1000.0 * per_image,
+                    backbone=backbone.cpu().to(memory_format=torch.contiguous_format))
 
 
 def _svm_predict(pipeline, fs, n_classes: int):
@@ -241,15 +267,6 @@ def _svm_predict(pipeline, fs, n_classes: int):
     full = np.zeros((len(probs), n_classes), dtype=np.float64)
     full[:, classes] = probs  # a class absent from the train features keeps probability 0
     return EvalOutput(y_true=fs.labels, y_pred=classes[probs.argmax(1)], probs=full)
-
-
-def _svm_seconds_per_image(pipeline, sets, meta) -> float:
-    """Backbone time per image (measured when the features were extracted) plus the SVM's own."""
-    fs = sets.get("test") or sets["val"]
-    t0 = time.perf_counter()
-    pipeline.predict_proba(fs.features)
-    svm_time = (time.perf_counter() - t0) / max(len(fs.labels), 1)
-    return float(meta.get("seconds_per_image", 0.0)) + svm_time
 
 
 def _backbone_sha(cfg: RunConfig) -> str:
@@ -338,7 +355,7 @@ def _log_model(cfg: RunConfig, data, out: _Outcome) -> None:
     from carclf.errors import WeightsError
     from carclf.features import build_feature_backbone
 
-    backbone = build_feature_backbone(cfg)  # features may all have come from the cache: rebuild it
+    backbone = out.backbone if out.backbone is not None else build_feature_backbone(cfg)
     recorded = out.metadata["backbone_sha256"]
     if backbone.weights_sha256 is not None and backbone.weights_sha256 != recorded:
         raise WeightsError(f"backbone weights {cfg.svm.backbone_weights!r} changed during the run "

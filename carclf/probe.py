@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import asdict
 
 import torch
@@ -135,9 +134,10 @@ def run_probe(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: 
     """The probe branch of carclf.experiment.run_experiment: features (cached), the head trained, evaluated."""
     from carclf.car_classifier import network
     from carclf.data import class_weights
-    from carclf.experiment import _Outcome
+    from carclf.experiment import _Outcome, infer_seconds, with_infer_ms
     from carclf.features import split_features
     from carclf.models import count_parameters, model_size_mb
+    from carclf.timing import network_classes
     from carclf.training import fit, predict_probs, select_device
 
     _say_what_is_ignored(cfg)
@@ -150,27 +150,23 @@ def run_probe(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: 
     batches = {s: FeatureBatches(sets[s], batch_size=cfg.train.batch_size, device=device, shuffle=s == "train",
                                  seed=cfg.seed) for s in splits}
     weights = class_weights(data.train["label"], n) if cfg.balance.class_weights else None
+    # the whole network (backbone and head) from images, on the run's threads: not the cached features' timing
+    per_image = infer_seconds(cfg, data, network_classes(model, model.input_config, device, amp=cfg.train.amp),
+                              device)
     with _one_thread(device):
         fitted = fit(head, batches["train"], batches["val"], cfg.train, n_classes=n, device=device,
-                     class_weights=weights, on_epoch=on_epoch, progress=progress)
-        test, test_head_s = None, float("nan")
-        if evaluate_test:
-            t0 = time.perf_counter()
-            test = predict_probs(head, batches["test"], device, amp=cfg.train.amp)
-            test_head_s = (time.perf_counter() - t0) / max(len(test.y_true), 1)
-    head.cpu()  # the whole network on the CPU, as the backbone never left it
-    model.eval()
-    # An image's inference: the backbone (timed when its features were extracted) and the head.
-    backbone_s = float(sets["val"].meta.get("seconds_per_image", 0.0))
+                     class_weights=weights, on_epoch=with_infer_ms(on_epoch, per_image), progress=progress)
+        test = predict_probs(head, batches["test"], device, amp=cfg.train.amp) if evaluate_test else None
+    model.cpu().eval()  # the whole network on the CPU
     extraction = sum(s.meta.get("seconds", 0.0) for s in sets.values() if not s.meta.get("cached"))
     metadata = {"classes": data.classes, "input_config": asdict(model.input_config), "model": cfg.model.name,
                 "kind": "network", "finetune": "probe", "weights": cfg.model.weights,
                 "weights_sha256": getattr(model, "weights_sha256", None)}
     return _Outcome(model=model, history=fitted.history, val=fitted.val_output, test=test,
-                    train_seconds=fitted.seconds, infer_seconds_per_image=backbone_s + test_head_s,
+                    train_seconds=fitted.seconds, infer_seconds_per_image=per_image,
                     n_params=count_parameters(model), size_mb=model_size_mb(model), metadata=metadata,
                     extra_metrics={"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
                                    "n_params_trainable": count_parameters(head), "feature_seconds": extraction,
                                    "feature_cache_hits": sum(bool(s.meta.get("cached")) for s in sets.values()),
                                    "feature_dim": sets["train"].features.shape[1]},
-                    infer_ms_per_img=1000.0 * backbone_s + min(r["infer_ms_per_img"] for r in fitted.history))
+                    infer_ms_per_img=1000.0 * per_image)

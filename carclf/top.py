@@ -536,8 +536,9 @@ def activation_cache(cfg: RunConfig) -> FeatureCache:
 def run_top(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool):
     """The top branch of carclf.experiment.run_experiment: trunk activations (cached), the top trained, evaluated."""
     from carclf.data import class_weights
-    from carclf.experiment import _Outcome
+    from carclf.experiment import _Outcome, infer_seconds, with_infer_ms
     from carclf.models import count_parameters, model_size_mb
+    from carclf.timing import network_classes
     from carclf.training import fit, predict_probs, select_device
 
     _say_what_applies(cfg)
@@ -555,21 +556,19 @@ def run_top(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bo
                                     seed=cfg.seed, flip_p=flip_probability(cfg) if s == "train" else 0.0)
                for s in splits}
     weights = class_weights(data.train["label"], n) if cfg.balance.class_weights else None
+    # the whole network (trunk and top) from images: not the cached activations' timing
+    per_image = infer_seconds(cfg, data, network_classes(cut.model, cut.model.input_config, device,
+                                                         amp=cfg.train.amp), device)
     fitted = fit(cut.top, batches["train"], batches["val"], cfg.train, n_classes=n, device=device,
-                 class_weights=weights, on_epoch=on_epoch, progress=progress)
-    test, test_top_s = None, float("nan")
-    if evaluate_test:
-        t0 = time.perf_counter()
-        test = predict_probs(cut.top, batches["test"], device, amp=cfg.train.amp)
-        test_top_s = (time.perf_counter() - t0) / max(len(test.y_true), 1)
+                 class_weights=weights, on_epoch=with_infer_ms(on_epoch, per_image), progress=progress)
+    test = predict_probs(cut.top, batches["test"], device, amp=cfg.train.amp) if evaluate_test else None
     model = cut.model.cpu().eval()  # the whole network, the trained top in place
-    trunk_s = acts["val"].seconds_per_image
     metadata = {"classes": data.classes, "input_config": asdict(model.input_config), "model": cfg.model.name,
                 "kind": "network", "finetune": "top", "top_blocks": cfg.model.top_blocks, "cut": cut.cut,
                 "weights": cfg.model.weights, "weights_sha256": getattr(model, "weights_sha256", None)}
     epoch_seconds = [r["epoch_seconds"] for r in fitted.history]
     return _Outcome(model=model, history=fitted.history, val=fitted.val_output, test=test,
-                    train_seconds=fitted.seconds, infer_seconds_per_image=trunk_s + test_top_s,
+                    train_seconds=fitted.seconds, infer_seconds_per_image=per_image,
                     n_params=count_parameters(model), size_mb=model_size_mb(model), metadata=metadata,
                     extra_metrics={"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
                                    "n_params_trainable": count_parameters(cut.top, True),
@@ -577,5 +576,5 @@ def run_top(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bo
                                    "trunk_cache_hits": sum(a.cached for a in acts.values()),
                                    "top_blocks_of": cut.n_blocks,
                                    "epoch_seconds_mean": float(np.mean(epoch_seconds))},
-                    infer_ms_per_img=1000.0 * trunk_s + min(r["infer_ms_per_img"] for r in fitted.history))
+                    infer_ms_per_img=1000.0 * per_image)
 

@@ -258,13 +258,9 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable, cfg: Tra
     for epoch in _maybe_trange(cfg.epochs, progress):
         t0 = time.perf_counter()
         train = train_one_epoch(model, train_loader, optimizer, loss_fn, device, scaler=scaler, amp=amp)
-        t_val = time.perf_counter()
         val, val_out = evaluate(model, val_loader, device, n_classes=n_classes, amp=amp)
-        # the validation pass's time per image: the model's inference cost, measured without a pass of its own
-        infer_ms = 1000.0 * (time.perf_counter() - t_val) / max(len(val_out.y_true), 1)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": cross_entropy(val_out), **{f"val_{k}": v for k, v in val.items()},
-               "infer_ms_per_img": infer_ms,
                "epoch_seconds": time.perf_counter() - t0}
         history.append(row)
         log.info("epoch %d: train_loss %.4f val_f1_macro %.4f", epoch, row["train_loss"], row[SELECTION_METRIC])

@@ -68,9 +68,10 @@ def test_network_run_is_fully_tracked_and_its_model_predicts_the_same(demo_dir, 
     history = MlflowClient().get_metric_history(result.run_id, "epoch_val_f1_macro")
     assert [(m.step, m.value) for m in history] == epochs
     best = int(run.data.metrics["best_epoch"])
-    # inference time on the validation split: the fastest epoch's validation pass, per image
+    # the whole network timed once (carclf.timing): each epoch reports that figure, so a stopped trial has it
     passes = MlflowClient().get_metric_history(result.run_id, "epoch_infer_ms_per_img")
-    assert len(passes) == 2 and run.data.metrics["infer_ms_per_img"] == pytest.approx(min(m.value for m in passes))
+    assert [m.value for m in passes] == pytest.approx([run.data.metrics["infer_ms_per_img"]] * 2)
+    assert run.data.metrics["infer_seconds_per_image"] == pytest.approx(run.data.metrics["infer_ms_per_img"] / 1000)
     assert run.data.metrics["val_f1_macro"] == pytest.approx(dict(epochs)[best]) == max(v for _, v in epochs)
 
     info = mlflow.models.get_model_info(f"runs:/{result.run_id}/model")
