@@ -48,9 +48,8 @@ def test_a_searched_range_leaves_the_train_split_to_the_trials(demo_dir):
 
 
 @pytest.mark.slow
-def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_build_no_backbone(
+def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_extract_nothing(
         demo_dir, tmp_path, tracked, extractions, monkeypatch, capsys):
-    import carclf.features as features
     from carclf.experiment import run_experiment
     from sweeps.driver import plan_sweep, prepare_stores, trial_context
     from sweeps.trial import _feature_key, _fill_paths, trial_config
@@ -67,10 +66,8 @@ def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_build_n
                                               ("mobilenet_v2", "train"): 1, ("mobilenet_v2", "val"): 1}
     assert f"4 split(s) extracted, 0 set(s) already cached; " in capsys.readouterr().out
 
-    def refuse(cfg):
-        raise AssertionError("a trial built a backbone")
-
-    monkeypatch.setattr(features, "build_feature_backbone", refuse)
+    # the trials read their features and extract none (they build the backbone only to time the whole
+    # classifier on a few images, carclf.timing)
     ctx = trial_context(plan, tracked, parent_run_id="p")
     for params in ({"model": "svm_linear", "svm_linear.kernel": "linear", "svm_linear.C": 1.0},
                    {"model": "svm_rbf", "svm_rbf.kernel": "rbf", "svm_rbf.C": 1.0, "svm_rbf.backbone": "mobilenet_v2"}):
