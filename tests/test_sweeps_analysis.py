@@ -107,7 +107,7 @@ def test_a_searched_backbone_is_extracted_once_and_shared(pareto_sweep, pareto_u
     chosen = {r.data.params["svm.backbone"] for r in runs}
     per_backbone = {b: sum(r.data.params["svm.backbone"] == b for r in runs) for b in chosen}
     assert chosen == set(BACKBONES) and max(per_backbone.values()) >= 2, per_backbone  # the premise: shared
-    # each backbone was built (to extract features) once; every later trial read the cache
+    # each backbone's features were extracted once; every later trial read the cache
     assert dict(pareto_sweep.extractions) == {b: 1 for b in BACKBONES}
     for b in BACKBONES:
         hits = sorted(r.data.metrics["feature_cache_hits"] for r in runs if r.data.params["svm.backbone"] == b)
