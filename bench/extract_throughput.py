@@ -8,7 +8,7 @@ their speed under other load; raise it on a quiet one), ImageNet MobileNetV2 fea
 on every core. The images are decoded before the clock starts (the
 decode cache, then the split arrays in memory), so every variant reads the same decoded images:
 
-- carclf: `carclf.features._extract_split`, what a run or the sweep's driver runs on a miss (split
+- carclf: `carclf.training.features._extract_split`, what a run or the sweep's driver runs on a miss (split
   array, batch transform, backbone under inference mode);
 - bare: a plain loop over the in-memory uint8 array: to float, normalise, model, under inference mode;
 - no_grad: the bare loop under torch.no_grad instead;
@@ -50,9 +50,9 @@ def main() -> int:
         print(f"model10 photos not found at {DATA}", file=sys.stderr)
         return 2
     from carclf.config import validate_run_config
-    from carclf.data import prepare_data
-    from carclf.features import build_feature_backbone
-    from carclf.threads import machine_threads
+    from carclf.core.threads import machine_threads
+    from carclf.data.prepare import prepare_data
+    from carclf.training.features import build_feature_backbone
 
     cfg = validate_run_config({"data": {"path": str(DATA), "image_size": SIZE, "min_images": 20},
                                "split": {"train": 0.7, "val": 0.1, "test": 0.2, "seed": 0},
@@ -91,7 +91,7 @@ def first_train_rows(data, n: int):
 
 def decoded(data, split: str, cfg) -> torch.Tensor:
     """The split's decoded images as one uint8 NHWC tensor in row order, in memory (outside every timing)."""
-    from carclf.arrays import load_split
+    from carclf.data.arrays import load_split
 
     arr = load_split(data, split, cache_dir=cfg.data.cache_dir)
     return torch.from_numpy(np.ascontiguousarray(np.asarray(arr.images)[arr.image_index]))
@@ -99,7 +99,7 @@ def decoded(data, split: str, cfg) -> torch.Tensor:
 
 def run_variant(variant: str, backbone, cfg, data, split: str, images: torch.Tensor) -> np.ndarray:
     if variant == "carclf":
-        from carclf.features import _extract_split
+        from carclf.training.features import _extract_split
 
         return _extract_split(backbone, cfg, data, split, device=torch.device("cpu"), progress=False).features
     ic = backbone.input_config

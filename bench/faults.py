@@ -69,8 +69,8 @@ def sweep_file(tmp: Path, name: str, data: Path, **over) -> Path:
 def faulty_experiment(cfg, *, on_epoch=None, parent_run_id=None, tags=None, **kw):
     """run_experiment with the fault control.json asks for: SIGKILL of the first network trial at its first
     epoch, or a slow start (the trial holds its run open and reports nothing for `delay_s`)."""
-    from carclf import tracking
     from carclf.experiment import run_experiment
+    from carclf.tracking import runs as tracking
 
     control_file = Path(os.environ["CARCLF_BENCH_CONTROL"])
     control = json.loads(control_file.read_text()) if control_file.exists() else {}
@@ -132,7 +132,7 @@ def check(tmp: Path, uri: str, names: list[str], expected: int, budget: bool = F
 
 
 def in_process(tmp, uri, name, data, control: dict, **over) -> tuple:
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     (tmp / "control.json").write_text(json.dumps(control))
     path = sweep_file(tmp, name, data, **over)
@@ -243,8 +243,8 @@ def two_at_once(tmp, uri, data):
 def results_enospc(tmp, uri, data):
     import pandas as pd
 
-    from carclf.errors import SweepError
-    from sweeps.runner import run_sweep
+    from carclf.core.errors import SweepError
+    from sweeps.run.runner import run_sweep
 
     real = pd.DataFrame.to_csv
 
@@ -356,7 +356,7 @@ STORE_SCENARIOS = [("store_deleted", store_deleted), ("store_corrupted", store_c
 def main() -> int:
     import ray
 
-    from carclf.demo import make_demo
+    from carclf.data.demo import make_demo
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="carclf-bench-faults-") as tmp_s:

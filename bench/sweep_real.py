@@ -73,14 +73,14 @@ def main() -> int:
     if not data.is_dir():
         print(f"real photos not found at {data}", file=sys.stderr)
         return 2
-    from carclf import paths
+    from carclf.core import paths
 
     cache = paths.cache_root()  # resolved before the project root moves: reuse the user's caches
     with tempfile.TemporaryDirectory(prefix="carclf-bench-sweep-") as tmp:
         os.environ["CARCLF_PROJECT_ROOT"] = tmp
         os.environ["CARCLF_CACHE_DIR"] = str(cache)
         path = sweep_file(Path(args.sweep), Path(tmp) / "model10.yaml", data, args.num_samples)
-        from sweeps.runner import run_sweep
+        from sweeps.run.runner import run_sweep
 
         start = time.perf_counter()
         table = run_sweep(path, name="bench-real", tracking_uri=f"sqlite:///{tmp}/mlflow.db")

@@ -45,9 +45,9 @@ def main() -> int:
 def run(path: Path, spec: dict, tmp: Path) -> int:
     import carclf
     from carclf.config import validate_run_config
-    from carclf.data import prepare_data
+    from carclf.data.prepare import prepare_data
     from carclf.report import build_report
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     cfg = validate_run_config(spec["base"])
     prepare_data(cfg, image_size=cfg.data.image_size, progress=True)  # decode once, outside the timings

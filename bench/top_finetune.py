@@ -61,7 +61,7 @@ def main() -> int:
 
 def one_set(path: Path) -> dict:
     from carclf.config import deep_merge, validate_run_config
-    from carclf.data import prepare_data
+    from carclf.data.prepare import prepare_data
     from carclf.experiment import run_experiment
 
     base = deep_merge(BASE, {"data": {"path": str(path)}})

@@ -68,9 +68,9 @@ def run_bare(n: int, concurrency: int, storage: Path, reuse: bool, fn=bare_trial
 
 
 def run_carclf(n: int, concurrency: int, tmp: Path) -> dict:
-    from sweeps.runner import run_sweep
-
     from PIL import Image
+
+    from sweeps.run.runner import run_sweep
 
     # The sweep's preflight reads the data (two tiny classes of real images); no-op trials read nothing.
     data = tmp / "data"

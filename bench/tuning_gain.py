@@ -50,7 +50,7 @@ def sweep_file(src: Path, out: Path, data: Path, **over) -> Path:
 
 
 def _svm_config(path: Path, data: Path, cache: Path, tmp: Path, **svm) -> dict:
-    from sweeps.spec import load_sweep_spec
+    from sweeps.search.spec import load_sweep_spec
 
     spec = load_sweep_spec(path)
     key = "svm_rbf" if "svm_rbf" in spec.models else next(k for k in spec.models if not spec.is_network(k))
@@ -65,8 +65,8 @@ def warm_up(files: list[Path], data: Path, cache: Path, tmp: Path) -> None:
     """Decode the photos at each size the sweeps use and cache the SVMs' features (untimed)."""
     from carclf.config import validate_run_config
     from carclf.experiment import run_experiment
-    from sweeps.driver import warm_decode_cache
-    from sweeps.spec import load_sweep_spec
+    from sweeps.run.driver import warm_decode_cache
+    from sweeps.search.spec import load_sweep_spec
 
     for path in files:
         warm_decode_cache(load_sweep_spec(path), {"data": {"path": str(data), "cache_dir": str(cache)}})
@@ -84,7 +84,7 @@ def reference_rbf(path: Path, data: Path, cache: Path, tmp: Path) -> float:
 
 
 def timed_sweep(path: Path, name: str, uri: str):
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     start = time.perf_counter()
     table = run_sweep(path, name=name, tracking_uri=uri)
@@ -174,7 +174,7 @@ def main() -> int:
     if missing:
         print(f"real photos not found at {', '.join(missing)}", file=sys.stderr)
         return 2
-    from carclf import paths
+    from carclf.core import paths
 
     cache = paths.cache_root()  # resolved before the project root moves: reuse the user's caches
     os.environ["CARCLF_CACHE_DIR"] = str(cache)

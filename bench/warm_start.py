@@ -59,7 +59,7 @@ def sweep_file(folder: Path, name: str, spaces: dict) -> Path:
 def best_so_far(name: str) -> list[float]:
     """The best validation macro-F1 after each trial, trials in the order they started (read from MLflow)."""
     from carclf.report.selection import resolve_sweep, sweep_client
-    from sweeps.studies import sweep_trials
+    from sweeps.search.studies import sweep_trials
 
     info = resolve_sweep(name)
     out, best = [], float("-inf")
@@ -75,14 +75,14 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"real photos not found at {DATA}", file=sys.stderr)
         return 2
-    from carclf import paths
+    from carclf.core import paths
 
     cache = paths.cache_root()  # resolved before the project root moves: reuse the user's caches
     result: dict = {"trials": TRIALS, "top": TOP, "image_size": BASE["data"]["image_size"], "wall_s": {}}
     with tempfile.TemporaryDirectory(prefix="carclf-bench-warm-") as tmp:
         os.environ["CARCLF_PROJECT_ROOT"] = tmp
         os.environ["CARCLF_CACHE_DIR"] = str(cache)
-        from sweeps.runner import run_sweep
+        from sweeps.run.runner import run_sweep
 
         uri = f"sqlite:///{tmp}/mlflow.db"
         runs = (("narrow", NARROW, None), ("fresh", WIDE, None), ("warm", WIDE, "narrow"))

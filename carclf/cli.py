@@ -13,8 +13,8 @@ import os
 import sys
 import textwrap
 
-from carclf.errors import CarclfError
-from carclf.redact import RedactingFormatter, redact
+from carclf.core.errors import CarclfError
+from carclf.core.redact import RedactingFormatter, redact
 
 
 def _handler(target: str):
@@ -79,7 +79,7 @@ def _add_data(sub) -> None:
     demo.add_argument("--size", type=int, default=96, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=0, help="random seed: the same seed draws the same images")
     demo.add_argument("--force", action="store_true", help="overwrite a non-empty folder")
-    demo.set_defaults(func=_handler("carclf.demo:cli_demo"))
+    demo.set_defaults(func=_handler("carclf.data.demo:cli_demo"))
 
     def selection(p):
         p.add_argument("path", help="ImageFolder tree: one folder per class")
@@ -92,7 +92,7 @@ def _add_data(sub) -> None:
     stats = _add_parser(dsub, "stats", help="class table, duplicates, skipped files and the class-frequency figure")
     selection(stats)
     stats.add_argument("--figure", help="PNG path for the class-frequency chart (default: class_frequency.png)")
-    stats.set_defaults(func=_handler("carclf.data:cli_stats"))
+    stats.set_defaults(func=_handler("carclf.data.prepare:cli_stats"))
 
     split = _add_parser(dsub, "split", help="stratified, duplicate-aware train/val/test split saved as a manifest")
     selection(split)
@@ -100,7 +100,7 @@ def _add_data(sub) -> None:
     split.add_argument("--fractions", nargs=3, type=float, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"),
                        help="shares of the images in train, validation and test (they sum to 1)")
     split.add_argument("--seed", type=int, default=0, help="split seed: the same seed gives the same split")
-    split.set_defaults(func=_handler("carclf.data:cli_split"))
+    split.set_defaults(func=_handler("carclf.data.prepare:cli_split"))
 
 
 def _add_train(sub) -> None:
@@ -125,7 +125,7 @@ def _add_rank(sub) -> None:
     p.add_argument("--config", help="run config YAML for the data selection, split and balancing (default: none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set svm.backbone_weights=none (repeatable; default: none)")
-    p.set_defaults(func=_handler("carclf.rank:cli_rank"))
+    p.set_defaults(func=_handler("carclf.training.rank:cli_rank"))
 
 
 def _add_sweep(sub) -> None:
@@ -141,14 +141,14 @@ def _add_sweep(sub) -> None:
                    help="an earlier sweep whose best configurations per family are this sweep's first trials "
                    "(default: none, a fresh search)")
     p.add_argument("--top", type=int, default=1, help="with --warm-start: configurations per family")
-    p.set_defaults(func=_handler("sweeps.runner:cli_sweep"))
+    p.set_defaults(func=_handler("sweeps.run.runner:cli_sweep"))
 
 
 def _add_analyze(sub) -> None:
     p = _add_parser(sub, "analyze", help="hyperparameter importance, optimisation history, parallel coordinates, "
                                        "slices and the Pareto front of a sweep (finished, running or interrupted)")
     p.add_argument("sweep", help="sweep name or its results folder")
-    p.set_defaults(func=_handler("sweeps.analysis:cli_analyze"))
+    p.set_defaults(func=_handler("sweeps.analysis.explain:cli_analyze"))
 
 
 def _add_report(sub) -> None:
@@ -168,7 +168,7 @@ def _add_promote(sub) -> None:
     p.add_argument("--force", action="store_true", help="move the alias even if the new version is not better")
     p.add_argument("--metric", help="the figure that decides (default: the sweep's first objective, on the test split); "
                    "e.g. test_accuracy, or infer_ms_per_img / size_mb (lower is better)")
-    p.set_defaults(func=_handler("carclf.promote:cli_promote"))
+    p.set_defaults(func=_handler("carclf.serving.promote:cli_promote"))
 
 
 def _add_predict(sub) -> None:
@@ -179,14 +179,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--top-k", type=int, default=3, help="classes listed per image, most likely first")
     p.add_argument("--out", help="also write the predictions as CSV to this file (default: print only)")
     p.add_argument("--tracking-uri", help="MLflow store holding the model (default: MLFLOW_TRACKING_URI or sqlite at the project root)")
-    p.set_defaults(func=_handler("carclf.predict:cli_predict"))
+    p.set_defaults(func=_handler("carclf.serving.predict:cli_predict"))
 
 
 def _add_tracking(sub) -> None:
     ui = _add_parser(sub, "ui", help="open the MLflow UI on the project's database (127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1")
     ui.add_argument("--backend-store-uri", help="default: the project's tracking URI")
-    ui.set_defaults(func=_handler("carclf.tracking:cli_ui"))
+    ui.set_defaults(func=_handler("carclf.tracking.runs:cli_ui"))
 
     srv = _add_parser(sub, "server", help="run an MLflow tracking server for a Ray cluster")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 serves other machines")
@@ -199,7 +199,7 @@ def _add_tracking(sub) -> None:
                      "(default with a non-loopback --host: the URL it prints)")
     srv.add_argument("--basic-auth", action="store_true", help="MLflow's basic-auth app: users and passwords "
                      "(needs mlflow[auth] and MLFLOW_FLASK_SERVER_SECRET_KEY; see README.md)")
-    srv.set_defaults(func=_handler("carclf.server:cli_server"))
+    srv.set_defaults(func=_handler("carclf.tracking.server:cli_server"))
 
 
 def _add_models(sub) -> None:
@@ -207,7 +207,7 @@ def _add_models(sub) -> None:
                     "torchvision/<model>, timm/<model>.<tag>; 'offline' marks weights already on this machine")
     p.add_argument("--filter", default=None, help="only names containing this text (or matching a glob, e.g. "
                    "'timm/convnext*'); default: every name")
-    p.set_defaults(func=_handler("carclf.zoo:cli_models"))
+    p.set_defaults(func=_handler("carclf.models.catalog:cli_models"))
 
 
 def build_parser() -> argparse.ArgumentParser:

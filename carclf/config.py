@@ -8,7 +8,6 @@ field and the allowed values.
 
 from __future__ import annotations
 
-import json
 import reprlib
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -16,8 +15,12 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# ConfigError lives in carclf.errors (so models.py need not import config); importable from here too.
-from carclf.errors import ConfigError
+# ConfigError lives in carclf.core.errors (so models.py need not import config); importable from here too.
+from carclf.core.errors import ConfigError
+from carclf.models.finetune import probe_problem, top_problem
+from carclf.models.registry import check_model_name, is_network, list_models
+from carclf.models.svm import gamma_factor_problem
+from carclf.shipped.car_classifier import STACK_SEPARATOR
 
 
 class _Frozen(BaseModel):
@@ -30,7 +33,7 @@ class DataConfig(_Frozen):
     top_k: int | None = Field(default=None, ge=1)  # keep the K most frequent classes (the study kept 10)
     min_images: int = Field(default=5, ge=1)  # classes with fewer images are left out, with a warning
     image_size: int = Field(default=224, ge=16, le=1024)  # the side images are resized to (square)
-    cache_dir: Path | None = None  # decode and feature caches; None means carclf.paths.cache_root()
+    cache_dir: Path | None = None  # decode and feature caches; None means carclf.core.paths.cache_root()
 
 
 class SplitConfig(_Frozen):
@@ -61,28 +64,24 @@ class ModelConfig(_Frozen):
     name: str = "simple_cnn"
     weights: str = "imagenet"  # 'imagenet' | 'none' | a path to a local state_dict
     # transfer learning: train the new head only, everything, or (probe) the head on cached features of the
-    # frozen backbone, which runs once (carclf.probe), or (top) the last top_blocks blocks and the head on cached
-    # activations of the frozen trunk below them (carclf.top)
+    # frozen backbone, which runs once (carclf.training.probe), or (top) the last top_blocks blocks and the head on
+    # cached activations of the frozen trunk below them (carclf.training.top)
     finetune: Literal["head", "full", "probe", "top"] = "head"
     top_blocks: int = Field(default=2, ge=1)  # finetune 'top': how many of the network's last blocks train
 
     @field_validator("name")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from carclf.registry import check_model_name
-
         return check_model_name(v)
 
     @model_validator(mode="after")
     def _probe_has_a_backbone(self) -> "ModelConfig":
         if self.finetune == "probe":
-            from carclf.probe import probe_problem
 
             problem = probe_problem(self.name, self.weights)
             if problem:
                 raise ValueError(problem)
         if self.finetune == "top":
-            from carclf.top import top_problem
 
             problem = top_problem(self.name, self.weights, self.top_blocks)
             if problem:
@@ -113,7 +112,7 @@ class SVMConfig(_Frozen):
     backbone: str = "vgg16"
     backbone_weights: str | tuple[str, ...] = "imagenet"  # one for all of a stack's members, or one per member
     features: Literal["gap", "penultimate"] = "gap"  # global-average-pooled or penultimate-layer features
-    # logistic: a multinomial logistic regression (softmax probabilities), for many classes (carclf.svm)
+    # logistic: a multinomial logistic regression (softmax probabilities), for many classes (carclf.models.svm)
     kernel: Literal["linear", "rbf", "logistic"] = "rbf"
     C: float = Field(default=1.0, gt=0)
     gamma: Union[Literal["scale"], float] = "scale"
@@ -140,15 +139,11 @@ class SVMConfig(_Frozen):
     @field_validator("backbone", mode="before")
     @classmethod
     def _stack_as_text(cls, v):
-        from carclf.car_classifier import STACK_SEPARATOR
-
         return STACK_SEPARATOR.join(map(str, v)) if isinstance(v, (list, tuple)) else v
 
     @field_validator("backbone")
     @classmethod
     def _network_backbone(cls, v: str) -> str:
-        from carclf.models import is_network, list_models
-
         for name in backbone_members(v):
             try:
                 network = is_network(name)
@@ -193,18 +188,8 @@ class SVMConfig(_Frozen):
 
 def backbone_members(backbone: str) -> list[str]:
     """The networks of `svm.backbone`: itself, or a stack's members (`a+b`)."""
-    from carclf.car_classifier import STACK_SEPARATOR
 
     return backbone.split(STACK_SEPARATOR)
-
-
-def gamma_factor_problem(gamma, gamma_factor: float) -> str | None:
-    """What is wrong with this gamma and gamma_factor together (None: nothing): the factor scales 'scale' only."""
-    if gamma != "scale" and gamma_factor != 1.0:
-        return (f"svm.gamma={gamma!r} and svm.gamma_factor={gamma_factor!r}: the factor scales svm.gamma 'scale' "
-                "(1 / (n_features * X.var())); set svm.gamma to 'scale' to use the factor, or leave "
-                "svm.gamma_factor at 1.0 with a numeric svm.gamma")
-    return None
 
 
 class TrackingConfig(_Frozen):
@@ -234,20 +219,6 @@ class RunConfig(_Frozen):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict to dotted keys: {'train': {'lr': 1}} -> {'train.lr': 1}; lists become JSON."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        elif isinstance(value, (list, tuple)):
-            out[name] = json.dumps(value)
-        else:
-            out[name] = value
-    return out
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
@@ -326,7 +297,7 @@ def _check_expanded_size(data: Any, source: str) -> None:
 
 def format_validation_error(err: ValidationError, source: str = "config") -> str:
     """One line per problem, naming the field. A union told apart by a tag written `<form>` (see
-    sweeps/spec.py) reports the branch the value's form picked: "(as a range)" instead of one line per branch."""
+    sweeps/search/spec.py) reports the branch the value's form picked: "(as a range)" instead of one line per branch."""
     lines = [f"invalid {source}:"]
     for e in err.errors():
         parts = [str(x) for x in e["loc"]]

@@ -10,21 +10,50 @@ each epoch to Ray Tune through its `on_epoch` callback.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from carclf import paths, tracking
 from carclf.config import RunConfig, load_run_config
+from carclf.core import paths
+from carclf.core.errors import ConfigError, WeightsError
+from carclf.core.figures import class_frequency_figure, confusion_figure, save_figure, training_curves_figure
+from carclf.core.metrics import classification_metrics, confusion, most_confused_pairs, per_class_report
+from carclf.core.redact import redact
+from carclf.data.inputs import DeviceBudget, run_batches
+from carclf.data.prepare import class_weights, prepare_data
+from carclf.models.networks import build_model, count_parameters, model_size_mb
+from carclf.models.records import InputConfig
+from carclf.models.registry import _architecture, is_network
+from carclf.models.svm import fit_svm
+from carclf.tracking import runs as tracking
+from carclf.tracking.browse import ui_heading, ui_path, ui_url
+from carclf.training.features import backbone_weights_id, build_feature_backbone, split_features
+from carclf.training.loop import (
+    EpochCallback,
+    EvalOutput,
+    Outcome,
+    check_device,
+    evaluate,
+    fit,
+    seed_everything,
+    select_device,
+)
+from carclf.training.probe import run_probe
+from carclf.training.timing import infer_seconds, network_classes, svm_classes, with_infer_ms
+from carclf.training.top import run_top
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, dict], None]
 THREADS_TAG = "carclf.torch_threads"  # the CPU threads torch trained with (Ray gives a trial its CPU count)
 # Shown by `carclf train`, in this order, where present.
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_weighted",
@@ -49,25 +78,7 @@ class ExperimentResult:
     infer_seconds_per_image: float
     n_params: int
     size_mb: float
-    infer_ms_per_img: float = float("nan")  # the whole classifier per image (carclf.timing; a sweep objective)
-
-
-@dataclass
-class _Outcome:
-    """What the network or SVM branch hands back for evaluation and logging."""
-
-    model: Any
-    history: list[dict]
-    val: Any  # training.EvalOutput
-    test: Any | None
-    train_seconds: float
-    infer_seconds_per_image: float
-    n_params: int
-    size_mb: float
-    metadata: dict
-    extra_metrics: dict
-    infer_ms_per_img: float = float("nan")  # carclf.timing's, on validation images: a trial has it without test
-    backbone: Any = None  # an SVM's feature backbone, as measured and as its logged model ships it
+    infer_ms_per_img: float = float("nan")  # the whole classifier per image (carclf.training.timing; a sweep objective)
 
 
 def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, parent_run_id: str | None = None,
@@ -78,9 +89,6 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
     Raises whatever fails (data, weights, the callback); the run then ends FAILED with tag carclf.error.
     `data`: the PreparedData of `cfg`, when the caller checked it before any run started (`carclf train`).
     """
-    from carclf.data import prepare_data
-    from carclf.models import is_network
-    from carclf.training import seed_everything
 
     seed_everything(cfg.seed)
     kind = "network" if is_network(cfg.model.name) else "svm"
@@ -96,17 +104,15 @@ def run_experiment(cfg: RunConfig, *, on_epoch: EpochCallback | None = None, par
         step = _epoch_logger(on_epoch)
         branch = _run_network if kind == "network" else _run_svm
         if cfg.model.finetune == "probe":  # a network's head on cached features of its frozen backbone
-            from carclf.probe import run_probe as branch
+            branch = run_probe
         if cfg.model.finetune == "top":  # the last blocks on cached activations of the frozen trunk
-            from carclf.top import run_top as branch
+            branch = run_top
         outcome = branch(cfg, data, on_epoch=step, evaluate_test=evaluate_test, progress=progress)
         result = _evaluate_and_log(cfg, data, outcome, run.info.run_id, log_model=log_model)
     return result
 
 
 def _torch_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
@@ -146,7 +152,6 @@ def _class_frequency_png(table: pd.DataFrame, cache_dir) -> Path:
 
     Every trial of a sweep logs the same chart; drawing it is most of a small trial's logging time.
     """
-    from carclf.figures import class_frequency_figure, save_figure
 
     digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:24]
     root = Path(cache_dir) if cache_dir is not None else paths.cache_root()
@@ -156,37 +161,10 @@ def _class_frequency_png(table: pd.DataFrame, cache_dir) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- inference time
-
-
-def infer_seconds(cfg: RunConfig, data, classify, device) -> float:
-    """Seconds per image of the whole classifier `classify` (carclf.timing) on a few validation images, measured
-    on the run's device and threads. A network does not change speed while it learns: measured once, before
-    training, its epochs report the figure too (a trial a scheduler stops has it)."""
-    from carclf.timing import seconds_per_image, timing_images
-
-    return seconds_per_image(classify, timing_images(cfg, data, device))
-
-
-def with_infer_ms(on_epoch: EpochCallback, seconds: float) -> EpochCallback:
-    """`on_epoch` with each row's `infer_ms_per_img` set to the measured figure."""
-
-    def step(epoch: int, row: dict) -> None:
-        on_epoch(epoch, {**row, "infer_ms_per_img": 1000.0 * seconds})
-
-    return step
-
-
 # --------------------------------------------------------------------------- networks
 
 
-def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> _Outcome:
-    from carclf.data import class_weights
-    from carclf.inputs import DeviceBudget, run_batches
-    from carclf.models import build_model, count_parameters, model_size_mb
-    from carclf.timing import network_classes
-    from carclf.training import evaluate, fit, select_device
-
+def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> Outcome:
     n = len(data.classes)
     model = build_model(cfg.model.name, num_classes=n, weights=cfg.model.weights, finetune=cfg.model.finetune,
                         image_size=cfg.data.image_size)
@@ -204,7 +182,7 @@ def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progres
         _, test_out = evaluate(model, test, device, n_classes=n, amp=cfg.train.amp)
     metadata = {"classes": data.classes, "input_config": asdict(ic), "model": cfg.model.name, "kind": "network",
                 "weights": cfg.model.weights, "weights_sha256": getattr(model, "weights_sha256", None)}
-    return _Outcome(model=model, history=fitted.history, val=fitted.val_output, test=test_out,
+    return Outcome(model=model, history=fitted.history, val=fitted.val_output, test=test_out,
                     train_seconds=fitted.seconds, infer_seconds_per_image=per_image,
                     n_params=count_parameters(model), size_mb=model_size_mb(model),
                     metadata=metadata, extra_metrics={"best_epoch": fitted.best_epoch,
@@ -216,16 +194,7 @@ def _run_network(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progres
 # --------------------------------------------------------------------------- SVM on features
 
 
-def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> _Outcome:
-    import torch
-
-    from carclf.features import build_feature_backbone, split_features
-    from carclf.metrics import classification_metrics
-    from carclf.models import count_parameters, model_size_mb
-    from carclf.svm import fit_svm
-    from carclf.timing import svm_classes
-    from carclf.training import select_device
-
+def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: bool) -> Outcome:
     n = len(data.classes)
     splits = ("train", "val", "test") if evaluate_test else ("train", "val")
     device = select_device(cfg.train.device)
@@ -247,7 +216,7 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
     # the backbone runs whether or not its features came from the cache; the logged model ships this one
     backbone = build_feature_backbone(cfg)
     per_image = infer_seconds(cfg, data, svm_classes(backbone, pipeline, device), device)
-    return _Outcome(model=pipeline, history=[row], val=val, test=test, train_seconds=fit_seconds,
+    return Outcome(model=pipeline, history=[row], val=val, test=test, train_seconds=fit_seconds,
                     infer_seconds_per_image=per_image,
                     n_params=meta.get("backbone_params", 0) + count_parameters(pipeline),
                     size_mb=meta.get("backbone_size_mb", 0.0) + model_size_mb(pipeline), metadata=metadata,
@@ -260,8 +229,6 @@ def _run_svm(cfg: RunConfig, data, *, on_epoch, evaluate_test: bool, progress: b
 
 
 def _svm_predict(pipeline, fs, n_classes: int):
-    from carclf.training import EvalOutput
-
     probs = pipeline.predict_proba(fs.features)
     classes = pipeline.classes_
     full = np.zeros((len(probs), n_classes), dtype=np.float64)
@@ -270,13 +237,10 @@ def _svm_predict(pipeline, fs, n_classes: int):
 
 
 def _backbone_sha(cfg: RunConfig) -> str:
-    from carclf.features import backbone_weights_id
-
     return backbone_weights_id(cfg)
 
 
 def _svm_metadata(cfg: RunConfig, data, meta: dict, *, weights_sha: str) -> dict:
-    from carclf.models import InputConfig, _architecture
 
     # The backbone's input config without building it: its registered defaults at our image size. A stack's
     # members normalise their own input (`members`), so the stack takes images in [0, 1].
@@ -296,9 +260,7 @@ def _svm_metadata(cfg: RunConfig, data, meta: dict, *, weights_sha: str) -> dict
 # --------------------------------------------------------------------------- evaluation and logging
 
 
-def _evaluate_and_log(cfg: RunConfig, data, out: _Outcome, run_id: str, *, log_model: bool) -> ExperimentResult:
-    from carclf.metrics import classification_metrics
-
+def _evaluate_and_log(cfg: RunConfig, data, out: Outcome, run_id: str, *, log_model: bool) -> ExperimentResult:
     n = len(data.classes)
     val_metrics = classification_metrics(out.val.y_true, out.val.y_pred, scores=out.val.probs, n_classes=n)
     test_metrics = None
@@ -325,8 +287,6 @@ def _evaluate_and_log(cfg: RunConfig, data, out: _Outcome, run_id: str, *, log_m
 
 def _log_split_report(split: str, output, classes: list[str]) -> np.ndarray:
     """Confusion matrix (JSON + PNG) and the per-class report (CSV) of one split; returns the counts."""
-    from carclf.figures import confusion_figure
-    from carclf.metrics import confusion, most_confused_pairs, per_class_report
 
     counts, normalised = confusion(output.y_true, output.y_pred, len(classes))
     tracking.log_json({"classes": classes, "counts": counts, "row_normalised": normalised},
@@ -339,21 +299,17 @@ def _log_split_report(split: str, output, classes: list[str]) -> np.ndarray:
 
 
 def _log_history(history: list[dict], *, curves: bool) -> None:
-    from carclf.figures import training_curves_figure
-
     tracking.log_dataframe(pd.DataFrame(history), "history.csv")
     if curves:  # the SVM has a single 'epoch': no curve to draw
         tracking.log_figure(training_curves_figure(history), "figures/training_curves.png")
 
 
-def _log_model(cfg: RunConfig, data, out: _Outcome) -> None:
+def _log_model(cfg: RunConfig, data, out: Outcome) -> None:
     """The whole classifier as one MLflow model (photo bytes in, class names out); an SVM ships its backbone."""
     example = [_example_image(data)]
     if not cfg.is_svm:
         tracking.log_network_model(out.model, input_example=example, metadata=out.metadata)
         return
-    from carclf.errors import WeightsError
-    from carclf.features import build_feature_backbone
 
     backbone = out.backbone if out.backbone is not None else build_feature_backbone(cfg)
     recorded = out.metadata["backbone_sha256"]
@@ -366,9 +322,6 @@ def _log_model(cfg: RunConfig, data, out: _Outcome) -> None:
 def _example_image(data) -> bytes:
     """A validation image (a test one if there is none) as JPEG bytes at the model's size: the logged input
     example, small whatever the original file weighs."""
-    import io
-
-    from PIL import Image
 
     frame = data.val if len(data.val) else data.test
     row = frame.iloc[0]
@@ -400,18 +353,14 @@ TRAIN_NEEDS_CONFIG = (
 
 def cli_train(args) -> int:
     """`carclf train --config run.yaml --set key=value`: validate, run, print the metrics and the run id."""
-    from carclf.errors import ConfigError
 
     if not args.config:
         raise ConfigError(TRAIN_NEEDS_CONFIG)
     cfg = load_run_config(args.config, args.overrides)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    from carclf.redact import redact
 
     # the URI may carry a password (https://user:pass@host, postgresql://...): never print it
     print(f"model {cfg.model.name} on {cfg.data.path}; tracking {redact(uri)} (experiment {cfg.tracking.experiment!r})")
-    from carclf.data import prepare_data
-    from carclf.training import check_device
 
     check_device(cfg.train.device)  # before the scan and the run: a device that is not there is a config error
     # The data is scanned, selected and split before the run starts: a path that is a file or a single class
@@ -428,10 +377,6 @@ def cli_train(args) -> int:
 
 
 def _print_ui_hint(uri: str, run_id: str | None) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from carclf.browse import ui_heading, ui_path, ui_url
-
     if run_id:
         experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
         print(f"{ui_heading(uri)}\n  {ui_url(uri, ui_path(experiment_id, run_id=run_id))}")

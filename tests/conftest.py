@@ -118,7 +118,7 @@ def use_tracking_uri(uri: str, monkeypatch) -> None:
     """MLFLOW_TRACKING_URI points at `uri`, and nothing an earlier test set in this process outranks it."""
     import mlflow
 
-    from carclf import tracking
+    from carclf.tracking import runs as tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # mlflow.set_tracking_uri (which carclf calls) outranks the variable: forget an earlier test's URI.
@@ -178,8 +178,8 @@ def run_artifacts():
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """60 synthetic 40 px vehicle images in 5 imbalanced classes (carclf.demo), made once per session."""
-    from carclf.demo import make_demo
+    """60 synthetic 40 px vehicle images in 5 imbalanced classes (carclf.data.demo), made once per session."""
+    from carclf.data.demo import make_demo
 
     root = tmp_path_factory.mktemp("demo")
     make_demo(root, n_images=60, size=40, seed=0)
@@ -191,7 +191,7 @@ def extractions(monkeypatch) -> list:
     """(backbone, split, torch threads) of every feature extraction this process makes, in order."""
     import torch
 
-    import carclf.features as features
+    import carclf.training.features as features
 
     seen = []
     real = features._extract_split

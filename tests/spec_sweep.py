@@ -2,9 +2,9 @@
 
 It leaves what `carclf sweep` leaves: `results/<name>/sweep.json` and `sweep.yaml`, a parent run
 (with the sweep file as its `sweep.yaml` artifact) and one child run per trial with the runner's
-tags. The trials are what the real search proposes: the sweep's searcher (sweeps.budget: each
+tags. The trials are what the real search proposes: the sweep's searcher (sweeps.run.budget: each
 family's default configuration first, then one seeded Optuna TPE search per family) suggests each
-trial, sweeps.trial.trial_config builds its RunConfig, carclf.experiment.run_experiment runs it, and
+trial, sweeps.run.trial.trial_config builds its RunConfig, carclf.experiment.run_experiment runs it, and
 the searcher is told its objectives. Built once per test process; `clone` gives a test its own copy
 of the database.
 
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import use_tracking_uri
 from tiny_sweep import EXPERIMENT, write_sweep_json
 
@@ -59,7 +58,7 @@ class SpecSweep:
     data_dir: Path
     name: str
     parent_run_id: str
-    spec: object  # sweeps.spec.SweepSpec
+    spec: object  # sweeps.search.spec.SweepSpec
     drawn: dict  # trial run_id -> the params the search drew
     extractions: collections.Counter  # backbone -> how many times its features were extracted (any splits at once)
     running_run_id: str
@@ -71,11 +70,12 @@ _BUILT: dict[str, SpecSweep] = {}
 def run_spec_sweep(data: dict, *, root: Path, uri: str):
     """Parent run + one trial per `num_samples`, each suggested by the searcher of the sweep file `data`.
     Returns (parent run id, {run_id: suggested params})."""
-    from carclf import tracking
     from carclf.experiment import run_experiment
-    from sweeps.budget import budget_search
-    from sweeps.spec import validate_sweep_spec
-    from sweeps.trial import BASELINE_TAG, TrialContext, trial_config
+    from carclf.tracking import runs as tracking
+    from sweeps.run.budget import budget_search
+    from sweeps.run.records import BASELINE_TAG
+    from sweeps.run.trial import TrialContext, trial_config
+    from sweeps.search.spec import validate_sweep_spec
 
     spec = validate_sweep_spec(data)
     text = yaml.safe_dump(data, sort_keys=False)
@@ -111,8 +111,8 @@ def run_spec_sweep(data: dict, *, root: Path, uri: str):
 def _build(root: Path, data_dir: Path) -> SpecSweep:
     from mlflow.tracking import MlflowClient
 
-    import carclf.features as features
-    from sweeps.spec import validate_sweep_spec
+    import carclf.training.features as features
+    from sweeps.search.spec import validate_sweep_spec
 
     cache = root / "cache"
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -121,7 +121,7 @@ def _build(root: Path, data_dir: Path) -> SpecSweep:
     extract = features._extract_missing
 
     def counting(cfg, data, missing, *args, **kw):
-        # a backbone is also built to time the whole classifier (carclf.timing); only extractions count here
+        # a backbone is also built to time the whole classifier (carclf.training.timing); only extractions count here
         if missing:
             extractions[cfg.svm.backbone] += 1
         return extract(cfg, data, missing, *args, **kw)

@@ -1,4 +1,4 @@
-"""Split arrays (carclf/arrays.py): one file per split and size, each image once, never stale, never half-read."""
+"""Split arrays (carclf/data/arrays.py): one file per split and size, each image once, never stale, never half-read."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import logging
 
 import numpy as np
 import pytest
-
-from carclf import arrays
-from carclf.config import BalanceConfig, DataConfig, RunConfig, SplitConfig
-from carclf.data import prepare_data
 from conftest import encode, random_image
+
+from carclf.config import BalanceConfig, DataConfig, RunConfig, SplitConfig
+from carclf.data import arrays
+from carclf.data.prepare import prepare_data
 
 
 def _prepare(root, mode="both", samples_per_class=8, size=32):
@@ -101,7 +101,7 @@ def test_a_damaged_array_is_rebuilt_not_served(image_folder, caplog, damage):
         _expected_path(data, "train").write_bytes(whole + b"\0" * 16)
     else:
         np.save(_expected_path(data, "train"), reference[:-1])
-    with caplog.at_level(logging.WARNING, logger="carclf.arrays"):
+    with caplog.at_level(logging.WARNING, logger="carclf.data.arrays"):
         split = arrays.load_split(data, "train")
     assert "ignoring" in caplog.text
     assert np.array_equal(np.asarray(split.images), reference)
@@ -124,7 +124,7 @@ def test_an_array_whose_pixels_changed_is_rebuilt_with_a_warning(image_folder, c
     else:
         arrays.checksum_path(path).unlink()
     arrays.clear_memo()  # as a new process would
-    with caplog.at_level(logging.INFO, logger="carclf.arrays"):
+    with caplog.at_level(logging.INFO, logger="carclf.data.arrays"):
         split = arrays.load_split(data, "train")
     expected = "does not match its checksum" if damage == "flipped" else "has no checksum"
     assert expected in caplog.text and split.path.read_bytes() == whole

@@ -5,7 +5,8 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from carclf import browse, tracking
+from carclf.tracking import browse
+from carclf.tracking import runs as tracking
 
 
 def test_a_new_experiment_is_a_model_training_one_and_says_what_made_it(tracked):
@@ -53,7 +54,8 @@ def test_the_sweep_view_lists_its_trials_best_first_with_family_metric_and_early
 
 
 def test_a_trial_stopped_by_the_scheduler_says_why_on_its_run(tracked):
-    from sweeps.trial import STOPPED_TAG, _mark_stopped
+    from sweeps.run.records import STOPPED_TAG
+    from sweeps.run.trial import _mark_stopped
 
     client = MlflowClient(tracked)
     run = client.create_run(client.create_experiment("carclf")).info.run_id
@@ -86,7 +88,7 @@ def test_carclf_ui_prints_the_model_training_link_and_one_per_sweep(tracked, tmp
     parent = client.create_run(exp).info.run_id
     write_sweep_json(tmp_path, "quick", parent, tracked)
     write_sweep_json(tmp_path, "elsewhere", parent, "sqlite:////other/mlflow.db")  # another store: not listed
-    from test_tracking import _FakeServer, _fake_ui, _free_port
+    from test_tracking import _fake_ui, _FakeServer, _free_port
 
     _fake_ui(monkeypatch, capsys)
     port = _free_port()
@@ -101,8 +103,8 @@ def test_carclf_ui_prints_the_model_training_link_and_one_per_sweep(tracked, tmp
 def test_the_view_shows_every_parameter_some_family_searches(tmp_path):
     import yaml
 
-    from sweeps.spec import load_sweep_spec
-    from sweeps.studies import searched_fields
+    from sweeps.search.spec import load_sweep_spec
+    from sweeps.search.studies import searched_fields
 
     spec = {"base": {"data": {"path": str(tmp_path)}},
             "models": {"cnn": {"model": "simple_cnn", "space": {"lr": {"low": 1e-3, "high": 1e-2}, "epochs": 2}},

@@ -1,4 +1,4 @@
-"""The decode cache (carclf/cache.py): conversion to RGB, EXIF orientation, atomic and shared entries."""
+"""The decode cache (carclf/data/cache.py): conversion to RGB, EXIF orientation, atomic and shared entries."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import encode, random_image
 from PIL import Image
 
-from carclf import cache as cache_module
-from carclf import data as D
-from carclf.cache import DecodeCache, decode_image, sha256_bytes
-from carclf.errors import DataError
-
-from conftest import encode, random_image
+from carclf.core.errors import DataError
+from carclf.core.files import sha256_bytes
+from carclf.data import cache as cache_module
+from carclf.data import prepare as D
+from carclf.data.cache import DecodeCache, decode_image
 
 
 def _one_image(tmp_path, seed: int) -> tuple[Path, bytes, str]:
@@ -137,9 +137,9 @@ def test_warm_scan_reads_no_image_again(image_folder, monkeypatch):
     def must_not_read(path, cache):
         raise AssertionError(f"re-read {path}")
 
-    import carclf.scan
+    import carclf.data.scan
 
-    monkeypatch.setattr(carclf.scan, "_check_file", must_not_read)
+    monkeypatch.setattr(carclf.data.scan, "_check_file", must_not_read)
     second = D.scan_folder(image_folder.root, cache=cache)
     assert second.items.equals(first.items) and second.corrupt == first.corrupt
 
@@ -285,7 +285,7 @@ def test_an_unwritable_cache_is_an_error_not_a_bad_image(image_folder, tmp_path)
 
 
 def test_cache_entries_stay_private_and_files_for_people_follow_the_umask(tmp_path):
-    from carclf.cache import USER_FILE_MODE, atomic_path, atomic_write_bytes
+    from carclf.core.files import USER_FILE_MODE, atomic_path, atomic_write_bytes
 
     path, data, sha = _one_image(tmp_path, 9)
     cache = DecodeCache(tmp_path / "cache", 16)

@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from carclf import car_classifier as cc
-from carclf.models import MODELS, InputConfig, build_backbone, build_model, is_network
-from carclf.transforms import EvalPreset
 from conftest import encode, random_image
+
+from carclf.data.transforms import EvalPreset
+from carclf.models.networks import build_backbone, build_model
+from carclf.models.records import InputConfig
+from carclf.models.registry import MODELS, is_network
+from carclf.shipped import car_classifier as cc
 
 
 def _jpeg(seed: int, size=(40, 24)) -> bytes:

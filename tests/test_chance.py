@@ -5,10 +5,10 @@ import argparse
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-
-from carclf.promote import cli_promote
-from carclf.report.chance import below_majority, majority_from_labels, majority_rate
 from tiny_sweep import split_paths, sweeps, uri  # noqa: F401 - fixtures
+
+from carclf.report.chance import below_majority, majority_from_labels, majority_rate
+from carclf.serving.promote import cli_promote
 
 
 def test_majority_rate_is_always_answering_the_most_frequent_class():
@@ -63,7 +63,7 @@ def test_promote_prints_the_winner_first_a_summary_and_the_families_below_the_ra
 
 @pytest.mark.slow
 def test_a_registered_version_says_whose_figures_it_carries(sweeps, uri):
-    from carclf.promote import promote
+    from carclf.serving.promote import promote
 
     promote("good", model="simple_cnn")
     version = MlflowClient(uri).get_model_version_by_alias("carclf-simple_cnn", "champion")

@@ -133,8 +133,10 @@ def test_mlflow_progress_bars_and_run_links_are_off_unless_the_user_wants_them()
 
 
 def test_main_quiets_mlflow_before_any_command_runs(monkeypatch):
-    from mlflow.environment_variables import (MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
-                                              MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT)
+    from mlflow.environment_variables import (
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+        MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+    )
 
     seen = {}
 

@@ -22,9 +22,16 @@ import numpy as np
 import pytest
 import yaml
 
-from carclf.errors import SweepError, TrackingError
-from sweeps.cluster import (SHARED_STORAGE_ENV, ClusterView, Node, is_local_ip, is_object_store,
-                            resolve_cluster_settings, run_checks)
+from carclf.core.errors import SweepError, TrackingError
+from sweeps.run.cluster import (
+    SHARED_STORAGE_ENV,
+    ClusterView,
+    Node,
+    is_local_ip,
+    is_object_store,
+    resolve_cluster_settings,
+    run_checks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = ROOT / "cluster"
@@ -250,7 +257,7 @@ def test_node_checks_report_what_is_wrong(tmp_path):
 
 
 def check_storage(cluster, storage):
-    from sweeps.cluster import check_storage_path
+    from sweeps.run.cluster import check_storage_path
 
     return check_storage_path(storage, cluster)
 
@@ -388,7 +395,7 @@ def test_tracking_server_script_serves_sqlite_and_proxies_artifacts(tmp_path):
 # file would show as a read error, a short array or mixed values.
 _DECODE_WRITER = """
 import sys, numpy as np
-from carclf.cache import DecodeCache
+from carclf.data.cache import DecodeCache
 root, value, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cache = DecodeCache(root, 256)
 array = np.full((256, 256, 3), value, np.uint8)
@@ -397,7 +404,7 @@ for _ in range(n):
 """
 _FEATURE_WRITER = """
 import sys, numpy as np
-from carclf.features import FeatureCache, FeatureSet
+from carclf.training.features import FeatureCache, FeatureSet
 root, value, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 fs = FeatureSet(np.full((2000, 64), value, np.float32), np.full(2000, value), [f"img{i}" for i in range(2000)],
                 {"writer": value})
@@ -429,7 +436,7 @@ def _race(script: str, root: Path, read, n: int = 40) -> int:
 
 @pytest.mark.slow
 def test_two_processes_writing_one_decode_cache_entry_never_expose_a_partial_file(tmp_path):
-    from carclf.cache import DecodeCache
+    from carclf.data.cache import DecodeCache
 
     cache = DecodeCache(tmp_path, 256)
     entry = cache.entry_path("ab" * 32)
@@ -449,7 +456,7 @@ def test_two_processes_writing_one_decode_cache_entry_never_expose_a_partial_fil
 
 @pytest.mark.slow
 def test_two_processes_writing_one_feature_cache_entry_never_expose_a_partial_file(tmp_path):
-    from carclf.features import FeatureCache
+    from carclf.training.features import FeatureCache
 
     cache = FeatureCache(tmp_path)
     key = {"split": "train", "entry": "same"}
@@ -561,7 +568,7 @@ def ray_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
     """An MLflow tracking server on loopback with a SQLite backend and its own artifact folder."""
-    from carclf.server import TrackingServer
+    from carclf.tracking.server import TrackingServer
 
     root = tmp_path_factory.mktemp("tracking")
     server = TrackingServer(f"sqlite:///{root / 'mlflow.db'}", artifacts_destination=root / "artifacts")
@@ -584,8 +591,8 @@ def _in_driver(code: str, cluster: LoopbackCluster, **kw) -> dict:
 
 _CHECK_ON_CLUSTER = """
 import ray
-from carclf.errors import SweepError
-from sweeps.cluster import connected, inspect_cluster, resolve_cluster_settings
+from carclf.core.errors import SweepError
+from sweeps.run.cluster import connected, inspect_cluster, resolve_cluster_settings
 with connected(kw["address"]):
     view = inspect_cluster()
     out = {"nodes": [n.node_id for n in view.nodes], "all_local": view.all_local, "may_grow": view.may_grow,
@@ -644,11 +651,10 @@ SWEEP = {
 @pytest.mark.slow
 def test_sweep_on_a_two_node_cluster_tracks_every_trial_in_the_server(ray_cluster, tracking_server, tmp_path,
                                                                       monkeypatch):
-    import mlflow
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    from carclf.demo import make_demo
+    from carclf.data.demo import make_demo
 
     make_demo(tmp_path / "data", n_images=60, size=32, seed=0)
     spec = json.loads(json.dumps(SWEEP))

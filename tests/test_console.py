@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from carclf.console import constant_values, fit_table
+from carclf.core.console import constant_values, fit_table
 
 TABLE = pd.DataFrame({"model": ["svm_rbf", "simple_cnn"], "val_f1_macro": [0.83712, float("nan")],
                       "test accuracy": ["0.807 ± 0.051 [0.696, 0.904]", "0.319 ± 0.130 [0.237, 0.408]"],

@@ -1,4 +1,4 @@
-"""Scanning, class selection, leak-free splitting, balancing and prepare_data (carclf/data.py)."""
+"""Scanning, class selection, leak-free splitting, balancing and prepare_data (carclf/data/prepare.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import encode, random_image
 
-from carclf import data as D
-from carclf.cache import DecodeCache
 from carclf.cli import main as cli_main
 from carclf.config import BalanceConfig, DataConfig, RunConfig, SplitConfig
-from carclf.errors import DataError
-from carclf.transforms import TrainPreset
+from carclf.core.errors import DataError
+from carclf.data import prepare as D
+from carclf.data.cache import DecodeCache
+from carclf.data.transforms import TrainPreset
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "stanford_cars_model10"
 
@@ -198,7 +198,7 @@ def test_select_all_named_and_top_k():
 
 def test_min_images_warns_naming_the_classes_left_out(caplog):
     items = _items({"big": 8, "tiny": 2, "small": 3})
-    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+    with caplog.at_level(logging.WARNING, logger="carclf.data.prepare"):
         sel, classes = D.select_classes(items, min_images=4)
     assert classes == ["big"] and len(sel) == 8
     assert "tiny" in caplog.text and "small" in caplog.text
@@ -270,7 +270,7 @@ def test_small_classes_still_reach_every_split():
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_a_class_too_small_to_reach_val_and_test_is_named_in_a_warning(n, caplog):
-    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+    with caplog.at_level(logging.WARNING, logger="carclf.data.prepare"):
         manifest = D.split_items(_items({"tiny": n, "big": 10}), ["big", "tiny"])
     assert set(manifest.loc[manifest["class"] == "tiny", "split"]) == {"train"}
     assert f"tiny ({n}: {n} train, 0 val, 0 test)" in caplog.text and "big" not in caplog.text
@@ -278,7 +278,7 @@ def test_a_class_too_small_to_reach_val_and_test_is_named_in_a_warning(n, caplog
 
 
 def test_classes_reaching_every_split_give_no_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+    with caplog.at_level(logging.WARNING, logger="carclf.data.prepare"):
         D.split_items(_items({"a": 3, "b": 10}), ["a", "b"])
     assert "too small" not in caplog.text
 
@@ -287,7 +287,7 @@ def test_the_same_image_under_two_classes_is_a_label_conflict_named_and_left_out
     items = _dup_items()
     assert D.label_conflicts(items) == [["/d/a/7.jpg", "/d/c/5.jpg"]]
     assert D.label_conflicts(_items({"a": 3, "b": 3})) == []
-    with caplog.at_level(logging.WARNING, logger="carclf.data"):
+    with caplog.at_level(logging.WARNING, logger="carclf.data.prepare"):
         kept = D.drop_label_conflicts(items)
     assert "label conflict" in caplog.text and "/d/a/7.jpg (a), /d/c/5.jpg (c)" in caplog.text
     assert len(kept) == len(items) - 2 and not {"/d/a/7.jpg", "/d/c/5.jpg"} & set(kept["path"])

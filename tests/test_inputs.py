@@ -1,4 +1,4 @@
-"""The batched input path (carclf/inputs.py): every row once per epoch, seeded, the same batches resident or streamed."""
+"""The batched input path (carclf/data/inputs.py): every row once per epoch, seeded, the same batches resident or streamed."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from carclf import arrays
 from carclf.config import BalanceConfig, DataConfig, RunConfig, SplitConfig
-from carclf.data import ImageDataset, prepare_data
-from carclf.inputs import DeviceBudget, SplitBatches, place
-from carclf.models import InputConfig
-from carclf.transforms import BatchEval, BatchTrainAugment, EvalPreset
+from carclf.data import arrays
+from carclf.data.inputs import DeviceBudget, SplitBatches, place
+from carclf.data.prepare import ImageDataset, prepare_data
+from carclf.data.transforms import BatchEval, BatchTrainAugment, EvalPreset
+from carclf.models.records import InputConfig
 
 CPU = torch.device("cpu")
 IC = InputConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -67,7 +67,7 @@ def test_same_seed_same_epochs_other_seed_other_batches(image_folder):
 
 def test_streamed_batches_equal_resident_ones(image_folder, caplog):
     data = _prepare(image_folder.root)
-    with caplog.at_level(logging.INFO, logger="carclf.inputs"):
+    with caplog.at_level(logging.INFO, logger="carclf.data.inputs"):
         streamed, resident = _train_batches(data, budget_mb=0), _train_batches(data, budget_mb=64)
     assert resident.images.path == "cpu" and streamed.images.path == "streamed"
     assert "input path for train: cpu" in caplog.text and "input path for train: streamed" in caplog.text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from carclf.logme import _fixed_point, _log_evidence, _spectrum, logme, one_hot
+from carclf.training.logme import _fixed_point, _log_evidence, _spectrum, logme, one_hot
 
 
 def labelled_features(n=90, dim=12, classes=3, signal=2.0, seed=0):

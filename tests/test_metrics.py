@@ -1,4 +1,4 @@
-"""Tests for carclf/metrics.py: hand-computed examples and invariants that tie the numbers together."""
+"""Tests for carclf/core/metrics.py: hand-computed examples and invariants that tie the numbers together."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support
 
-from carclf.metrics import (
+from carclf.core.metrics import (
     classification_metrics,
     confusion,
     most_confused_pairs,

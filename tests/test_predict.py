@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from tiny_sweep import split_paths, sweeps, uri  # noqa: F401 - fixtures
 
 from carclf.cli import main
-from carclf.errors import TrackingError
-from carclf.predict import collect_images, predict_paths
-from carclf.promote import promote
-from tiny_sweep import split_paths, sweeps, uri  # noqa: F401 - fixtures
+from carclf.core.errors import TrackingError
+from carclf.serving.predict import collect_images, predict_paths
+from carclf.serving.promote import promote
 
 
 @pytest.mark.slow
@@ -97,7 +97,7 @@ def test_a_model_from_before_the_photo_format_is_refused_with_what_to_do(tracked
     import mlflow
     from sklearn.dummy import DummyClassifier
 
-    from carclf import tracking
+    from carclf.tracking import runs as tracking
 
     (tmp_path / "car.png").write_bytes(b"")
     old = {"classes": ["a", "b"], "input_config": {"size": 32}, "kind": "svm"}  # features in, class index out
@@ -111,7 +111,7 @@ def test_a_model_from_before_the_photo_format_is_refused_with_what_to_do(tracked
 def test_predictions_csv_follows_the_umask_and_replaces_atomically(tmp_path):
     import os
 
-    from carclf.predict import write_csv
+    from carclf.serving.predict import write_csv
 
     out = tmp_path / "preds.csv"
     out.write_text("old")
@@ -129,15 +129,15 @@ def test_predictions_csv_follows_the_umask_and_replaces_atomically(tmp_path):
 
 @pytest.mark.parametrize("out", ["/proc/predictions.csv", "/proc/nope/predictions.csv"])
 def test_an_out_file_that_cannot_be_created_is_refused_even_for_root(out):
-    from carclf.errors import DataError
-    from carclf.predict import check_writable
+    from carclf.core.errors import DataError
+    from carclf.serving.predict import check_writable
 
     with pytest.raises(DataError, match=f"cannot write --out {out}"):
         check_writable(out)
 
 
 def test_a_writable_out_is_accepted_and_nothing_is_left_behind(tmp_path):
-    from carclf.predict import check_writable
+    from carclf.serving.predict import check_writable
 
     assert check_writable(tmp_path / "new" / "p.csv") == tmp_path / "new" / "p.csv"
     assert list(tmp_path.iterdir()) == []

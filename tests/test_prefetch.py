@@ -20,7 +20,7 @@ def _config(data_dir, cache, **sections):
 
 
 def _mobilenet_file() -> str:
-    from carclf.models import mobilenet_v2_weights_file
+    from carclf.models.zoo import mobilenet_v2_weights_file
 
     path = mobilenet_v2_weights_file()
     if path is None:
@@ -30,7 +30,7 @@ def _mobilenet_file() -> str:
 
 def test_two_svms_on_one_backbone_extract_each_split_once_and_their_runs_extract_nothing(demo_dir, tmp_path, extractions):
     from carclf.experiment import run_experiment
-    from carclf.prefetch import prefetch_features
+    from carclf.training.prefetch import prefetch_features
 
     linear = _config(demo_dir, tmp_path / "cache", svm={"kernel": "linear", "C": 0.1})
     rbf = _config(demo_dir, tmp_path / "cache", svm={"kernel": "rbf", "C": 10.0})
@@ -42,7 +42,7 @@ def test_two_svms_on_one_backbone_extract_each_split_once_and_their_runs_extract
     assert again.n_extracted == 0 and again.cached == 1 and len(extractions) == 4
 
     # what a trial does next: read its features, never extract them (it builds the backbone only to time the
-    # whole classifier on a few images, carclf.timing)
+    # whole classifier on a few images, carclf.training.timing)
     for cfg in (linear, rbf):
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path}/m.db"})})
         result = run_experiment(cfg, evaluate_test=False, log_model=False)
@@ -51,7 +51,7 @@ def test_two_svms_on_one_backbone_extract_each_split_once_and_their_runs_extract
 
 
 def test_a_probe_and_its_svm_twin_share_one_extraction(demo_dir, tmp_path, extractions):
-    from carclf.prefetch import feature_view, prefetch_features
+    from carclf.training.prefetch import feature_view, prefetch_features
 
     weights = _mobilenet_file()
     twin = _config(demo_dir, tmp_path / "cache", svm={"backbone": "mobilenet_v2", "backbone_weights": weights})
@@ -64,8 +64,8 @@ def test_a_probe_and_its_svm_twin_share_one_extraction(demo_dir, tmp_path, extra
 
 
 def test_extraction_runs_on_every_core_whatever_the_caller_had(demo_dir, tmp_path, extractions, monkeypatch):
-    import carclf.prefetch as prefetch
-    from carclf.threads import torch_threads
+    import carclf.training.prefetch as prefetch
+    from carclf.core.threads import torch_threads
 
     monkeypatch.setattr(prefetch, "machine_threads", lambda: 3)
     cfg = _config(demo_dir, tmp_path / "cache")
@@ -76,7 +76,7 @@ def test_extraction_runs_on_every_core_whatever_the_caller_had(demo_dir, tmp_pat
 
 
 def test_a_set_that_cannot_be_extracted_is_named_and_the_others_go_on(demo_dir, tmp_path, extractions):
-    from carclf.prefetch import prefetch_features
+    from carclf.training.prefetch import prefetch_features
 
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a state dict")
@@ -91,11 +91,11 @@ def test_a_set_that_cannot_be_extracted_is_named_and_the_others_go_on(demo_dir, 
 def test_the_extraction_log_says_threads_and_images_per_second(demo_dir, tmp_path, caplog):
     import logging
 
-    from carclf.data import prepare_data
-    from carclf.features import split_features
+    from carclf.data.prepare import prepare_data
+    from carclf.training.features import split_features
 
     cfg = _config(demo_dir, tmp_path / "cache")
-    with caplog.at_level(logging.INFO, logger="carclf.features"):
+    with caplog.at_level(logging.INFO, logger="carclf.training.features"):
         sets = split_features(cfg, prepare_data(cfg, image_size=32), device=torch.device("cpu"), splits=("val",))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("val features:"))
     assert f"with {torch.get_num_threads()} CPU thread(s)" in line and "images/s" in line

@@ -1,4 +1,4 @@
-"""The sweep preflight (sweeps/preflight.py): weights and data every trial needs, checked before Ray starts."""
+"""The sweep preflight (sweeps/run/preflight.py): weights and data every trial needs, checked before Ray starts."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 import yaml
 from conftest import encode, random_image
 
-from carclf import models
-from carclf.errors import SweepError
-from sweeps.preflight import preflight
-from sweeps.spec import validate_sweep_spec
+from carclf.core.errors import SweepError
+from carclf.models import registry
+from sweeps.run.preflight import preflight
+from sweeps.search.spec import validate_sweep_spec
 
 
 def _photos(root: Path, counts: dict[str, int]) -> Path:
@@ -39,7 +39,7 @@ def _spec(data: Path, **base):
 def offline(monkeypatch, tmp_path):
     """An empty torch hub cache, no MobileNetV2 weights package and no network."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(models, "mobilenet_v2_weights_file", lambda: None)
+    monkeypatch.setattr(registry, "mobilenet_v2_weights_file", lambda: None)
 
     def no_network(url, *args, **kwargs):
         raise OSError("no network")
@@ -106,7 +106,7 @@ def test_a_data_path_that_is_a_file_is_refused_naming_it(tmp_path):
 
 
 def test_run_sweep_runs_the_preflight_before_anything_is_written(tmp_path, monkeypatch):
-    from sweeps import runner
+    from sweeps.run import runner
 
     monkeypatch.setenv("CARCLF_PROJECT_ROOT", str(tmp_path))
     data = _photos(tmp_path / "cars", {"a": 6, "b": 6})
@@ -114,9 +114,9 @@ def test_run_sweep_runs_the_preflight_before_anything_is_written(tmp_path, monke
     path.write_text(yaml.safe_dump({"base": {"data": {"path": str(data), "image_size": 32},
                                              "model": {"weights": str(tmp_path / "nope.pth")}},
                                     "models": {"simple_cnn": {"space": {"epochs": 1}}}}))
-    import sweeps.driver
+    import sweeps.run.driver
 
-    monkeypatch.setattr(sweeps.driver, "_resolve_weights_paths", lambda spec: spec)  # let the file reach the preflight
+    monkeypatch.setattr(sweeps.run.driver, "_resolve_weights_paths", lambda spec: spec)  # let the file reach the preflight
     with pytest.raises(SweepError, match="models.simple_cnn: model.weights"):
         runner.run_sweep(path)
     assert not (tmp_path / "results").exists()

@@ -12,12 +12,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from carclf import features
-from carclf.car_classifier import network
 from carclf.config import ConfigError, RunConfig, validate_run_config
 from carclf.experiment import run_experiment
-from carclf.models import build_backbone, build_model, is_network, list_models, min_image_size
-from carclf.probe import feature_config, frozen_network, probe_feature_mode
+from carclf.models.networks import build_backbone, build_model
+from carclf.models.registry import is_network, list_models, min_image_size
+from carclf.shipped.car_classifier import network
+from carclf.training import features
+from carclf.training.probe import feature_config, frozen_network, probe_feature_mode
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 # Every network with a pretrained backbone: what a probe can freeze.
@@ -56,8 +57,8 @@ def extractions(monkeypatch) -> list[str]:
 
 @pytest.mark.slow  # a run that logs its model, then loads it back through carclf's check: about 20 s on 2 cores
 def test_probe_trains_only_the_head_and_logs_a_network_model_that_predicts_the_same(demo_dir, tracked):
-    from carclf.car_classifier import CarClassifier
-    from carclf.model_check import load_checked_model
+    from carclf.serving.model_check import load_checked_model
+    from carclf.shipped.car_classifier import CarClassifier
 
     cfg = probe_config(demo_dir)
     epochs = []
@@ -92,7 +93,7 @@ def test_probe_trains_only_the_head_and_logs_a_network_model_that_predicts_the_s
 
 
 def _test_paths(cfg) -> list[str]:
-    from carclf.data import prepare_data
+    from carclf.data.prepare import prepare_data
 
     return prepare_data(cfg, image_size=cfg.data.image_size).test["path"].tolist()
 
@@ -115,7 +116,7 @@ def _losses(result) -> list[float]:
 
 def test_a_probe_ignores_augmentation_and_says_so(demo_dir, tracked, extractions, caplog):
     plain = run_experiment(probe_config(demo_dir), log_model=False)
-    with caplog.at_level(logging.WARNING, logger="carclf.probe"):
+    with caplog.at_level(logging.WARNING, logger="carclf.training.probe"):
         augmented = run_experiment(probe_config(demo_dir, augment=0.5), log_model=False)
     assert "augment.strength=0.5 is ignored" in caplog.text
     assert len(extractions) == 3  # the same features: no augmented extraction
@@ -141,7 +142,7 @@ def test_the_probes_features_are_the_heads_input(name):
 
 
 def _trunk_state(name, model, mode):
-    from carclf.car_classifier import feature_trunk
+    from carclf.shipped.car_classifier import feature_trunk
 
     return feature_trunk(name, model, mode).state_dict()
 
@@ -158,8 +159,8 @@ def test_a_probe_needs_a_network_with_a_pretrained_backbone(model, weights):
 
 def test_model10_probe_reads_the_svms_features(demo_dir):
     """In sweeps/model10.yaml the probe family's features are the SVM families' (same cache key per split)."""
-    from carclf.data import prepare_data
-    from sweeps.spec import load_sweep_spec
+    from carclf.data.prepare import prepare_data
+    from sweeps.search.spec import load_sweep_spec
 
     spec = load_sweep_spec(SWEEPS / "model10.yaml")
     on_demo = {"data": {"path": str(demo_dir), "min_images": 5}}
@@ -179,7 +180,7 @@ def test_model10_probe_reads_the_svms_features(demo_dir):
 
 
 def test_the_gpu_sweep_fine_tunes_whole_networks_on_cuda():
-    from sweeps.spec import load_sweep_spec
+    from sweeps.search.spec import load_sweep_spec
 
     spec = load_sweep_spec(SWEEPS / "model10-gpu.yaml")
     assert set(spec.models) == {"vgg16", "alexnet", "mobilenet_v2", "convnext_tiny"}

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
-
-from carclf.errors import SweepError
-from carclf.promote import cli_promote, comparison, decide, matching_test_metric, promote
 from tiny_sweep import sweeps, uri, write_sweep_json  # noqa: F401 - fixtures
+
+from carclf.core.errors import SweepError
+from carclf.serving.promote import cli_promote, comparison, decide, matching_test_metric, promote
 
 
 def _rep_f1(report, model="svm_rbf") -> float:
@@ -119,8 +119,9 @@ def test_promote_marks_the_report_winner_as_carclf_best_and_prints_each_outcome_
 
 
 def test_report_winner_from_the_tag_or_from_the_report_metrics():
-    from carclf.promote import report_winner
     from report_samples import sample_info
+
+    from carclf.serving.promote import report_winner
 
     def run(tags, metrics):
         return SimpleNamespace(data=SimpleNamespace(tags=tags, metrics=metrics))

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from carclf import features
 from carclf.cli import main
 from carclf.config import RunConfig
-from carclf.errors import ConfigError
-from carclf.rank import Candidate, parse_backbones, rank_backbones
+from carclf.core.errors import ConfigError
+from carclf.training import features
+from carclf.training.rank import Candidate, parse_backbones, rank_backbones
 
 
 def run_config(path, tmp_path, size=32) -> RunConfig:
@@ -35,9 +35,9 @@ def test_scores_each_candidate_best_first_and_reads_the_features_back_the_second
 
 
 def test_a_misspelt_backbone_is_refused_before_any_data_is_read(demo_dir, tmp_path, monkeypatch, capsys):
-    import carclf.data
+    import carclf.training.rank
 
-    monkeypatch.setattr(carclf.data, "prepare_data", lambda *a, **k: pytest.fail("data read before the check"))
+    monkeypatch.setattr(carclf.training.rank, "prepare_data", lambda *a, **k: pytest.fail("data read before the check"))
     code = main(["rank", str(demo_dir), "--backbones", "mobilenet_v2,mobilenet_v3", "--image-size", "32",
                  "--set", f"data.cache_dir={tmp_path}"])
     assert code == 2

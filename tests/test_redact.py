@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from carclf.redact import MASK, RedactingFormatter, redact, strip_credentials
+from carclf.core.redact import MASK, RedactingFormatter, redact, strip_credentials
 
 
 @pytest.mark.parametrize("uri, expected", [
@@ -62,7 +62,7 @@ def test_carclf_train_prints_its_tracking_uri_without_the_password(tmp_path, mon
 
     monkeypatch.setattr(experiment, "run_experiment", no_run)
     monkeypatch.setattr(experiment.tracking, "_check_database_driver", lambda uri: None)  # as if psycopg were installed
-    monkeypatch.setattr("carclf.data.prepare_data", lambda cfg, **kw: None)  # the data is not what this test is about
+    monkeypatch.setattr("carclf.experiment.prepare_data", lambda cfg, **kw: None)  # the data is not what this test is about
     config = tmp_path / "run.yaml"
     config.write_text("tracking: {uri: 'postgresql://mlflow:s3cret@db:5432/mlflow'}\n")
     with pytest.raises(Stop):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from spec_sweep import pareto_sweep, pareto_uri  # noqa: F401 - fixtures
 
 from carclf.report.analysis import StoredAnalysis, analysis_section, pareto_figure, pareto_table
 from carclf.report.render import data_uri
 from carclf.report.selection import SweepInfo
-from spec_sweep import pareto_sweep, pareto_uri  # noqa: F401 - fixtures
 
 
 def _info(tmp_path) -> SweepInfo:
@@ -46,10 +46,10 @@ def test_the_pareto_front_marks_the_retested_trials(tmp_path):
 
 @pytest.mark.slow
 def test_the_report_holds_every_figure_of_the_sweep_analysis(pareto_sweep, pareto_uri, monkeypatch):
-    monkeypatch.setattr("sweeps.analysis.MIN_IMPORTANCE_TRIALS", 2)  # a tiny sweep: rank its few trials anyway
-    from carclf import paths
+    monkeypatch.setattr("sweeps.analysis.explain.MIN_IMPORTANCE_TRIALS", 2)  # a tiny sweep: rank its few trials anyway
+    from carclf.core import paths
     from carclf.report import REPORT_FILES, build_report
-    from sweeps.analysis import ANALYSIS_DIR, analyze_sweep
+    from sweeps.analysis.explain import ANALYSIS_DIR, analyze_sweep
 
     analysis = analyze_sweep(pareto_sweep.name)
     result = build_report(pareto_sweep.name, seeds=1, n_boot=50)

@@ -6,11 +6,11 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-
-from carclf.errors import SweepError
-from carclf.report.selection import select_best
 from report_samples import sample_family, sample_info, sample_trials
 from tiny_sweep import sweeps  # noqa: F401 - fixture
+
+from carclf.core.errors import SweepError
+from carclf.report.selection import select_best
 
 
 def _client(sweeps):
@@ -162,7 +162,6 @@ def test_problems_name_an_interrupted_sweep_failed_and_unretested_models_and_ear
 def _one_trial_sweep(tmp_path, monkeypatch, name: str):
     """(client, experiment id, trial run id) of a sweep recorded with one svm trial run, still open."""
     from mlflow.tracking import MlflowClient
-
     from tiny_sweep import write_sweep_json
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -187,7 +186,7 @@ def test_report_on_a_sweep_without_finished_trials_says_so(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("out", ["/proc/carclf_report", "/proc/version"])
 def test_an_out_folder_that_cannot_be_written_is_refused_before_any_retest(tmp_path, monkeypatch, out):
-    from carclf.errors import DataError
+    from carclf.core.errors import DataError
     from carclf.report.build import build_report
 
     client, exp, trial = _one_trial_sweep(tmp_path, monkeypatch, "one")

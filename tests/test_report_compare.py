@@ -3,11 +3,18 @@
 import numpy as np
 import pandas as pd
 import pytest
+from report_samples import CLASSES, sample_family
 
 from carclf.config import RunConfig
-from carclf.report.compare import (comparison_table, confused_pairs_table, mcnemar_table, per_class_f1_table,
-                                   split_counts_table, winner, winner_sentence)
-from report_samples import CLASSES, sample_family
+from carclf.report.compare import (
+    comparison_table,
+    confused_pairs_table,
+    mcnemar_table,
+    per_class_f1_table,
+    split_counts_table,
+    winner,
+    winner_sentence,
+)
 
 
 def test_comparison_table_means_intervals_and_cost_columns():

@@ -2,12 +2,20 @@
 
 import numpy as np
 import pytest
-
-from carclf import stats
-from carclf.report.compare import comparison_table, mcnemar_table, winner
-from carclf.report.gain import (OVERALL, TuningPair, gain_metrics, gain_section, gain_sentence, gain_table,
-                                pair_gain, verdict)
 from report_samples import sample_family
+
+from carclf.core import stats
+from carclf.report.compare import comparison_table, mcnemar_table, winner
+from carclf.report.gain import (
+    OVERALL,
+    TuningPair,
+    gain_metrics,
+    gain_section,
+    gain_sentence,
+    gain_table,
+    pair_gain,
+    verdict,
+)
 
 
 def _pairs(**families):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny_sweep import EXPERIMENT, config, make_sweep
 
 EDGE = [{"family": "svm_rbf", "param": "C", "best": 9.7, "low": 0.1, "high": 10.0, "log": True, "edge": "upper",
@@ -38,10 +37,10 @@ class GainSweep:
 
 @pytest.fixture(scope="module")
 def gain_sweep(tmp_path_factory) -> GainSweep:
-    import carclf.features as features
     from mlflow.tracking import MlflowClient
 
-    from carclf.demo import make_demo
+    import carclf.training.features as features
+    from carclf.data.demo import make_demo
     from carclf.report import build_report, cli_report
 
     root = tmp_path_factory.mktemp("gain_sweep")
@@ -160,8 +159,8 @@ def test_the_page_and_the_console_say_whether_tuning_helped(gain_sweep):
 
 @pytest.mark.slow
 def test_promote_takes_the_best_retests_never_the_defaults(gain_sweep):
-    from carclf.promote import latest_report_run, representative_runs
     from carclf.report.selection import resolve_sweep
+    from carclf.serving.promote import latest_report_run, representative_runs
 
     client = _client(gain_sweep)
     with pytest.MonkeyPatch.context() as mp:

@@ -3,13 +3,19 @@
 import re
 
 import pandas as pd
+from report_samples import CLASSES, sample_family, sample_trials
 
 from carclf.config import RunConfig
-from carclf.report.compare import (comparison_table, confused_pairs_table, mcnemar_table, per_class_f1_table,
-                                   split_counts_table, winner)
+from carclf.report.compare import (
+    comparison_table,
+    confused_pairs_table,
+    mcnemar_table,
+    per_class_f1_table,
+    split_counts_table,
+    winner,
+)
 from carclf.report.render import render_html, report_figures
 from carclf.report.selection import SweepInfo, unfinished
-from report_samples import CLASSES, sample_family, sample_trials
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
 NOTES = {"created": "now", "seeds": 3, "n_test": 90, "test_hash": "abc", "n_boot": 100}

@@ -3,10 +3,10 @@
 import numpy as np
 import pandas as pd
 import pytest
+from report_samples import CLASSES, sample_info
 
 from carclf.config import RunConfig
 from carclf.report.retest import FamilyRetest
-from report_samples import CLASSES, sample_info
 
 
 def test_test_split_hash_ignores_paths_and_other_splits_but_not_labels():
@@ -21,11 +21,10 @@ def test_test_split_hash_ignores_paths_and_other_splits_but_not_labels():
 
 
 def test_a_failed_retest_seed_is_recorded_and_the_others_go_on(monkeypatch, tmp_path):
-    import carclf.experiment
-    import carclf.report.retest as report
     from types import SimpleNamespace
 
-    from carclf.errors import DataError
+    import carclf.report.retest as report
+    from carclf.core.errors import DataError
 
     def fake_run(cfg, **kw):
         if cfg.seed == 1:
@@ -35,7 +34,7 @@ def test_a_failed_retest_seed_is_recorded_and_the_others_go_on(monkeypatch, tmp_
                                val_metrics={}, train_seconds=1.0, infer_seconds_per_image=0.1, n_params=1,
                                size_mb=0.1, classes=CLASSES)
 
-    monkeypatch.setattr(carclf.experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(report, "run_experiment", fake_run)
     monkeypatch.setattr(report, "run_test_hash", lambda client, run_id: "h")
     cfg = RunConfig(model={"name": "simple_cnn"})
     fam = FamilyRetest("simple_cnn", "trial", "t", 0.5, cfg)
@@ -68,7 +67,7 @@ def test_a_retest_with_the_trials_seed_reproduces_the_trial_on_cpu(tracked, tmp_
     from mlflow.tracking import MlflowClient
 
     from carclf.config import validate_run_config
-    from carclf.demo import make_demo
+    from carclf.data.demo import make_demo
     from carclf.experiment import run_experiment
     from carclf.report.retest import retest_family, seed_configs, torch_threads, trial_threads
 
@@ -145,12 +144,12 @@ def test_the_reports_test_features_are_extracted_on_every_core_while_the_seed_ke
     retrains the trial's seed on the trial's one thread, reading those features."""
     from mlflow.tracking import MlflowClient
 
-    import carclf.prefetch as prefetch
+    import carclf.training.prefetch as prefetch
     from carclf.config import validate_run_config
+    from carclf.core.threads import torch_threads
     from carclf.experiment import THREADS_TAG, run_experiment
     from carclf.report.retest import retest_trial
     from carclf.report.selection import SweepInfo
-    from carclf.threads import torch_threads
 
     cfg = validate_run_config({
         "data": {"path": str(demo_dir), "image_size": 32, "min_images": 2},

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from report_samples import sample_trials
 
 from carclf.config import RunConfig
-from carclf.errors import SweepError
+from carclf.core.errors import SweepError
 from carclf.report.selection import chosen_configuration, resolve_sweep, select_best, unfinished
-from report_samples import sample_trials
 
 
 def test_select_best_uses_validation_not_test_and_only_finished_trials():
@@ -86,8 +86,8 @@ def test_resolve_sweep_rejects_incomplete_sweep_json(tmp_path):
 def test_trial_config_falls_back_to_params_when_config_yaml_is_missing(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from carclf.config import flatten
     from carclf.report.selection import trial_config
+    from carclf.tracking.runs import flatten
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("carclf", artifact_location=(tmp_path / "art").as_uri())

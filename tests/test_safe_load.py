@@ -9,7 +9,6 @@ that `carclf predict` refuses the model and the marker is never written.
 from __future__ import annotations
 
 import importlib.util
-import io
 import pickle
 import py_compile
 import shutil
@@ -25,12 +24,12 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import encode, random_image
 from mlflow.tracking import MlflowClient
 
 from carclf.cli import main
-from carclf.errors import TrackingError
-from carclf.predict import load_model, predict_paths
-from conftest import encode, random_image
+from carclf.core.errors import TrackingError
+from carclf.serving.predict import load_model, predict_paths
 
 EXPERIMENT = "cars"
 
@@ -52,8 +51,8 @@ def _photos(n: int) -> list[bytes]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A private sqlite store holding one tiny carclf network model and one tiny carclf SVM model."""
-    from carclf import tracking
-    from carclf.models import build_backbone, build_model
+    from carclf.models.networks import build_backbone, build_model
+    from carclf.tracking import runs as tracking
 
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -319,7 +318,7 @@ def test_an_untouched_model_predicts_as_plain_mlflow_does_from_every_kind_of_uri
 
 def test_a_file_swapped_on_the_server_after_the_check_is_not_what_runs(
         store, tracking_uri, photo_dir, tmp_path, monkeypatch):
-    from carclf import model_check
+    from carclf.serving import model_check
 
     marker = tmp_path / "payload_ran"
     uri = _publish(_copy(store, "network", tmp_path / "model"))

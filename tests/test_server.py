@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from carclf.errors import TrackingError
-from carclf.server import TrackingServer, free_port, port_in_use
+from carclf.core.errors import TrackingError
+from carclf.tracking.server import TrackingServer, free_port, port_in_use
 
 
 def _alive(pid: int) -> bool:

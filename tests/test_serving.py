@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
-
-from carclf.promote import promote
 from conftest import REAL_DATA
+from mlflow.tracking import MlflowClient
 from tiny_sweep import split_paths, sweeps, uri  # noqa: F401 - fixtures
+
+from carclf.serving.promote import promote
 
 FAMILIES = ("svm_rbf", "simple_cnn")
 SERVE_START_S = 240  # loading torch, MLflow and the model on a loaded 2-core machine
@@ -156,7 +156,7 @@ def test_served_model_answers_posted_photos_with_class_names(sweeps, uri, tmp_pa
 def test_a_bad_top_k_is_mlflows_invalid_parameter_error_in_one_line(top_k):
     from mlflow.exceptions import MlflowException
 
-    from carclf.pyfunc_model import CarClassifierModel
+    from carclf.shipped.pyfunc_model import CarClassifierModel
 
     model = CarClassifierModel()
     model.classifier = None  # never reached: the parameter is checked first
@@ -168,7 +168,7 @@ def test_a_bad_top_k_is_mlflows_invalid_parameter_error_in_one_line(top_k):
 
 
 def test_a_whole_top_k_reaches_the_classifier():
-    from carclf.pyfunc_model import CarClassifierModel
+    from carclf.shipped.pyfunc_model import CarClassifierModel
 
     seen = []
     model = CarClassifierModel()

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from carclf.stats import (METRICS, bootstrap_ci, bootstrap_diff_ci, holm, mcnemar, metric_from_counts,
-                          seed_mean_metric)
+from carclf.core.stats import (
+    METRICS,
+    bootstrap_ci,
+    bootstrap_diff_ci,
+    holm,
+    mcnemar,
+    metric_from_counts,
+    seed_mean_metric,
+)
 
 
 def _noisy(n, n_classes=4, error_rate=0.3, seed=0):

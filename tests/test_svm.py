@@ -9,11 +9,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from carclf.car_classifier import SVM_TRUSTED_TYPES
 from carclf.config import SVMConfig, validate_run_config
-from carclf.errors import ConfigError
-from carclf.models import build_model
-from carclf.svm import CALIBRATION_TAG, SATURATED_TAG, fit_svm, scaled_gamma
+from carclf.core.errors import ConfigError
+from carclf.models.networks import build_model
+from carclf.models.svm import CALIBRATION_TAG, SATURATED_TAG, fit_svm, scaled_gamma
+from carclf.shipped.car_classifier import SVM_TRUSTED_TYPES
 
 
 def _data(shift: float, n_per_class: int = 20, dim: int = 16, seed: int = 0):

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-
 from spec_sweep import BACKBONES, finished_values, load_json, pareto_sweep, pareto_uri  # noqa: F401 - fixtures
-from sweeps.analysis import ANALYSIS_DIR, analyze, analyze_sweep
-from sweeps.spec import validate_sweep_spec
-from sweeps.studies import SweepTrial, space_distributions, space_point
+
+from sweeps.analysis.explain import ANALYSIS_DIR, analyze, analyze_sweep
+from sweeps.search.spec import validate_sweep_spec
+from sweeps.search.studies import SweepTrial, space_distributions, space_point
 
 
 def _dominates(a, b, modes) -> bool:
@@ -35,7 +35,7 @@ def check_front(pareto: pd.DataFrame, objectives) -> None:
 
 @pytest.mark.slow
 def test_importance_and_history_agree_with_the_trials_in_mlflow(pareto_sweep, pareto_uri, run_artifacts, monkeypatch):
-    monkeypatch.setattr("sweeps.analysis.MIN_IMPORTANCE_TRIALS", 2)  # a tiny sweep: rank its few trials anyway
+    monkeypatch.setattr("sweeps.analysis.explain.MIN_IMPORTANCE_TRIALS", 2)  # a tiny sweep: rank its few trials anyway
     analysis = analyze_sweep(pareto_sweep.name)
     values = finished_values(pareto_uri, pareto_sweep.parent_run_id, "val_f1_macro")
     runs = MlflowClient(pareto_uri).search_runs(
@@ -75,13 +75,13 @@ def test_importance_and_history_agree_with_the_trials_in_mlflow(pareto_sweep, pa
         for rel in [*family["figures"].values(), *family["tables"].values()]:
             assert f"{ANALYSIS_DIR}/{rel}" in logged and (analysis_folder() / rel).is_file()
     assert {f"{ANALYSIS_DIR}/summary.json", f"{ANALYSIS_DIR}/pareto.csv", f"{ANALYSIS_DIR}/pareto.png"} <= logged
-    # the edge-of-range warnings (sweeps.edges) of the same trials, beside the analysis and on the parent run
+    # the edge-of-range warnings (sweeps.analysis.edges) of the same trials, beside the analysis and on the parent run
     assert "edge_warnings.json" in logged
     assert load_json(analysis_folder().parent / "edge_warnings.json") == analysis.edges
 
 
 def analysis_folder():
-    from carclf import paths
+    from carclf.core import paths
 
     return paths.results_root() / "pareto" / ANALYSIS_DIR
 
@@ -122,7 +122,7 @@ def _trial(i, family, value, latency, **params):
 
 
 def test_a_single_objective_sweep_draws_its_front_against_inference_time(monkeypatch):
-    monkeypatch.setattr("sweeps.analysis.MIN_IMPORTANCE_TRIALS", 2)
+    monkeypatch.setattr("sweeps.analysis.explain.MIN_IMPORTANCE_TRIALS", 2)
     spec = validate_sweep_spec({"base": {"data": {"image_size": 32}},
                                 "models": {"svm": {"space": {"kernel": "linear"}}, "simple_cnn": {}}})
     trials = [_trial(0, "svm", 0.5, 2.0, svm_C=1.0), _trial(1, "svm", 0.7, 3.0, svm_C=10.0),
@@ -144,7 +144,7 @@ def test_too_few_trials_give_a_reason_not_an_importance():
 
 
 def test_importance_is_withheld_below_the_threshold_and_given_from_it_in_every_view():
-    from sweeps.analysis import MIN_IMPORTANCE_TRIALS, _show
+    from sweeps.analysis.explain import MIN_IMPORTANCE_TRIALS, _show
 
     spec = validate_sweep_spec({"base": {"data": {"image_size": 32}},
                                 "models": {"svm": {"space": {"kernel": "linear", "C": {"low": 0.01, "high": 100.0,

@@ -8,12 +8,12 @@ import pickle
 from types import SimpleNamespace
 
 import pytest
-
-from sweeps.budget import BUDGET_FILE, BudgetPolicy, FamilyBudgetSearch, budget_search, is_stalled
-from sweeps.defaults import default_config, default_trial
-from sweeps.progress import sweep_progress
-from sweeps.spec import validate_sweep_spec
 from test_sweeps_runner import ray_local  # noqa: F401 - fixture
+
+from sweeps.run.budget import BUDGET_FILE, BudgetPolicy, FamilyBudgetSearch, budget_search, is_stalled
+from sweeps.run.progress import sweep_progress
+from sweeps.search.defaults import default_config, default_trial
+from sweeps.search.spec import validate_sweep_spec
 
 BASE = {"data": {"image_size": 32}, "svm": {"backbone": "simple_cnn", "backbone_weights": "none"}}
 
@@ -327,8 +327,7 @@ def test_a_warm_start_point_that_is_the_default_runs_once(capsys):
 
 
 def test_a_trial_of_the_default_configuration_is_tagged_baseline(monkeypatch):
-    import sweeps.equivalence
-    import sweeps.trial as trial_mod
+    import sweeps.run.trial as trial_mod
 
     seen = []
 
@@ -342,7 +341,7 @@ def test_a_trial_of_the_default_configuration_is_tagged_baseline(monkeypatch):
     monkeypatch.setattr(trial_mod.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "n"))
     monkeypatch.setattr(trial_mod, "close_dead_attempts", lambda *a: None)
     monkeypatch.setattr(trial_mod, "_mlflow_client", lambda uri: None)
-    monkeypatch.setattr(sweeps.equivalence, "equivalent_trial", lambda *a: None)  # no earlier trial to match
+    monkeypatch.setattr(trial_mod, "equivalent_trial", lambda *a: None)  # no earlier trial to match
     spec = _two_svms()
     ctx = trial_mod.TrialContext(sweep="s", spec=spec, overrides={}, parent_run_id="p", tracking_uri="x",
                                  experiment_fn=experiment)
@@ -358,9 +357,9 @@ def test_a_trial_of_the_default_configuration_is_tagged_baseline(monkeypatch):
 @pytest.mark.slow
 def test_each_familys_first_trial_in_a_sweep_is_its_default_tagged_baseline(tmp_path, tracked, demo_dir, ray_local):
     from mlflow.tracking import MlflowClient
-
-    from sweeps.runner import run_sweep
     from test_sweeps_runner import _children, _sweep_file
+
+    from sweeps.run.runner import run_sweep
 
     models = {"svm_linear": {"model": "svm", "space": {"kernel": "linear"}},
               "svm_rbf": {"model": "svm", "space": {"kernel": "rbf", "gamma": {"low": 1e-4, "high": 1.0, "log": True,

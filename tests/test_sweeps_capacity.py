@@ -2,9 +2,9 @@
 
 import pytest
 
-from carclf.errors import SweepError
-from sweeps.capacity import GIB, check_capacity
-from sweeps.spec import validate_sweep_spec
+from carclf.core.errors import SweepError
+from sweeps.run.capacity import GIB, check_capacity
+from sweeps.search.spec import validate_sweep_spec
 
 CPU_ONLY = [{"CPU": 2.0, "memory": 16 * GIB}]
 

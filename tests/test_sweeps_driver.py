@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from carclf.errors import SweepError
-from sweeps.driver import plan_sweep
+from carclf.core.errors import SweepError
+from sweeps.run.driver import plan_sweep
 
 
 def _plan(path, **kw):
@@ -69,7 +69,7 @@ def test_a_sweep_name_that_is_not_one_plain_folder_name_is_refused(sweep_file, t
 
 
 def test_the_name_field_of_a_sweep_file_is_checked_too(sweep_file):
-    from carclf.errors import ConfigError
+    from carclf.core.errors import ConfigError
 
     sweep_file.write_text(sweep_file.read_text() + "name: ../up\n")
     with pytest.raises(ConfigError, match="name: .*'../up' is not allowed"):
@@ -79,7 +79,7 @@ def test_the_name_field_of_a_sweep_file_is_checked_too(sweep_file):
 
 
 def test_a_claimed_name_refuses_a_second_driver_and_is_free_again_after(sweep_file, tmp_path):
-    from sweeps.driver import claim_sweep
+    from sweeps.run.driver import claim_sweep
 
     plan = _plan(sweep_file)
     with claim_sweep(plan):
@@ -102,7 +102,7 @@ def test_a_missing_path_names_each_folder_looked_in_once(sweep_file, tmp_path):
 
 
 def test_resume_while_the_first_driver_is_still_starting_says_it_is_running(sweep_file, tmp_path):
-    from sweeps.driver import claim_sweep
+    from sweeps.run.driver import claim_sweep
 
     with claim_sweep(_plan(sweep_file)):  # claimed, sweep.json not yet written
         with pytest.raises(SweepError, match="sweep 'quick' is running right now"):
@@ -124,7 +124,7 @@ def test_a_writable_storage_path_is_taken_as_an_absolute_folder(sweep_file, tmp_
 
 
 def test_a_sweep_refused_before_it_recorded_anything_leaves_no_folder(sweep_file, tmp_path):
-    from sweeps.driver import claim_sweep
+    from sweeps.run.driver import claim_sweep
 
     plan = _plan(sweep_file)
     with pytest.raises(SweepError, match="no node"):

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweeps.edges import EDGE_FILE, edge_lines, edge_warnings, read_edge_warnings, suggest, write_edge_warnings
-from sweeps.spec import FloatRange, IntRange, validate_sweep_spec
-from sweeps.studies import SweepTrial
+from sweeps.analysis.edges import EDGE_FILE, edge_lines, edge_warnings, read_edge_warnings, suggest, write_edge_warnings
+from sweeps.search.spec import FloatRange, IntRange, validate_sweep_spec
+from sweeps.search.studies import SweepTrial
 
 
 def _trial(i, family, value, **params):
@@ -87,10 +87,10 @@ def test_suggest_extends_one_end():
 def test_warnings_are_written_to_the_results_folder_and_the_parent_run(tracked_db, tmp_path, run_artifacts, capsys):
     from mlflow.tracking import MlflowClient
 
-    from sweeps.runner import _print_edge_warnings
+    from sweeps.run.runner import _print_edge_warnings
 
     client = MlflowClient(tracked_db)
-    from carclf.tracking import ensure_experiment
+    from carclf.tracking.runs import ensure_experiment
 
     parent = client.create_run(ensure_experiment("edges", tracked_db)).info.run_id  # artifacts beside the database
     info = SimpleNamespace(folder=tmp_path / "results" / "s", parent_run_id=parent)

@@ -7,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
-from carclf.svm import SATURATED_TAG
-from sweeps.equivalence import EQUIVALENT_TAG
+from carclf.models.svm import SATURATED_TAG
+from sweeps.run.equivalence import EQUIVALENT_TAG
 
 FAMILY = "svm_rbf"
 
 
 def _spec(data_dir, cache):
-    from sweeps.spec import validate_sweep_spec
+    from sweeps.search.spec import validate_sweep_spec
 
     return validate_sweep_spec({
         "name": "eq",
@@ -30,14 +30,14 @@ def _spec(data_dir, cache):
 
 
 class Sweep:
-    """A sweep's parent run and its trials run through sweeps.trial.run_trial, without Ray (Tune faked)."""
+    """A sweep's parent run and its trials run through sweeps.run.trial.run_trial, without Ray (Tune faked)."""
 
     def __init__(self, spec, uri: str, monkeypatch, experiment_fn=None):
-        import sweeps.trial as trial
-        from sweeps.trial import TrialContext
+        import sweeps.run.trial as trial
+        from sweeps.run.trial import TrialContext
 
         self.client = MlflowClient(uri)
-        from carclf.tracking import ensure_experiment
+        from carclf.tracking.runs import ensure_experiment
 
         exp = ensure_experiment("eq", uri)  # artifacts beside the test's database, not in the working directory
         self.parent = self.client.create_run(exp, tags={"carclf.role": "sweep"}).info.run_id
@@ -51,7 +51,7 @@ class Sweep:
             get_runtime_context=lambda: SimpleNamespace(get_node_id=lambda: "node")))
 
     def run(self, trial_id: str, family: str = FAMILY, **params) -> dict:
-        from sweeps.trial import run_trial
+        from sweeps.run.trial import run_trial
 
         self.trial_id = trial_id
         run_trial({"model": family, **{f"{family}.{k}": v for k, v in params.items()}}, self.ctx)
@@ -69,8 +69,8 @@ def _val(run) -> dict:
 
 def _sibling(sweep: Sweep, spec, trial_id: str, *, family=FAMILY, status="FINISHED", saturated_at=None, **params):
     """A finished trial run as a trained trial leaves it: its config's params, trial tags, validation metrics."""
-    from carclf import tracking
-    from sweeps.trial import trial_config
+    from carclf.tracking import runs as tracking
+    from sweeps.run.trial import trial_config
 
     cfg = trial_config(sweep.ctx, {"model": family, **{f"{family}.{k}": v for k, v in params.items()}}, trial_id)
     exp = sweep.client.get_run(sweep.parent).info.experiment_id
@@ -129,13 +129,13 @@ def test_a_trial_that_may_train_another_model_is_trained(why, sibling, trial, tr
 @pytest.mark.slow
 def test_in_a_real_sweep_a_saturated_svm_is_trained_once_and_a_retest_gets_the_same_model(
         demo_dir, tracked_db, tmp_path, monkeypatch, run_artifacts):
-    import carclf.svm
+    import carclf.experiment
     from carclf.experiment import run_experiment
-    from sweeps.trial import trial_config
+    from sweeps.run.trial import trial_config
 
     fits = []
-    real_fit = carclf.svm.fit_svm
-    monkeypatch.setattr(carclf.svm, "fit_svm", lambda svm, *a, **kw: fits.append(svm.C) or real_fit(svm, *a, **kw))
+    real_fit = carclf.experiment.fit_svm
+    monkeypatch.setattr(carclf.experiment, "fit_svm", lambda svm, *a, **kw: fits.append(svm.C) or real_fit(svm, *a, **kw))
     spec = _spec(demo_dir, tmp_path / "cache")
     sweep = Sweep(spec, tracked_db, monkeypatch)
     first = sweep.run("t1", C=1000.0, gamma_factor=1.0)

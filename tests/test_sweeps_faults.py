@@ -20,13 +20,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
-
-from carclf.errors import DataError, SweepError
-from conftest import random_image
 
 # Trials import this module's functions by reference; Ray workers do not have tests/ on their path.
 import ray.cloudpickle  # noqa: E402  (Ray is a dependency; importing it starts nothing)
+import yaml
+from conftest import random_image
+
+from carclf.core.errors import DataError, SweepError
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -37,7 +37,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def fake_experiment(cfg, *, on_epoch=None, parent_run_id=None, tags=None, **kw):
     """Stands in for run_experiment: one real MLflow run; control.json (beside the data folder) says how long
     it takes and whether the first attempt of the first trial kills its own process (SIGKILL)."""
-    from carclf import tracking
+    from carclf.tracking import runs as tracking
 
     control_dir = Path(cfg.data.path).parent
     control = json.loads((control_dir / "control.json").read_text())
@@ -121,7 +121,7 @@ def test_a_sweep_survives_a_killed_trial_worker_and_a_killed_tracking_server(tmp
                                                                              capsys):
     from mlflow.tracking import MlflowClient
 
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     tracked = tracked_db
 
@@ -176,7 +176,7 @@ def test_a_sweep_survives_a_killed_trial_worker_and_a_killed_tracking_server(tmp
 def test_the_time_budget_ending_mid_trial_ends_the_sweep_cleanly_and_resume_works(tmp_path, tracked_db, ray_local):
     from mlflow.tracking import MlflowClient
 
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     tracked = tracked_db
 
@@ -203,7 +203,7 @@ def test_the_time_budget_ending_mid_trial_ends_the_sweep_cleanly_and_resume_work
 
 @pytest.mark.slow
 def test_a_trial_no_node_can_hold_is_refused_before_anything_starts(tmp_path, tracked, ray_local):
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     models = {"simple_cnn": {"space": {"epochs": 1}, "resources": {"cpu": 1, "gpu": 1}}}
     path = _fake_sweep(tmp_path, {}, models=models)
@@ -319,9 +319,9 @@ def test_driver_faults_sigterm_a_second_start_of_the_name_and_another_sweep_alon
     import shutil
 
     from mlflow.tracking import MlflowClient
-
-    from sweeps.runner import run_sweep
     from test_sweeps_runner import _sweep_file
+
+    from sweeps.run.runner import run_sweep
 
     shutil.copy2(migrated_db, tmp_path / "mlflow.db")  # as a first sweep would have left it
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -382,7 +382,7 @@ def test_driver_faults_sigterm_a_second_start_of_the_name_and_another_sweep_alon
 def test_results_table_write_that_hits_a_full_disk_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
     import pandas as pd
 
-    from sweeps.results import write_tables
+    from sweeps.run.results import write_tables
 
     out = tmp_path / "results" / "s"
     table = pd.DataFrame({"trial_id": ["a", "b"], "val_f1_macro": [0.5, 0.7]})
@@ -403,7 +403,7 @@ def test_results_table_write_that_hits_a_full_disk_names_the_path_and_leaves_not
 def test_results_table_in_an_unwritable_folder_is_a_clear_error(tmp_path):
     import pandas as pd
 
-    from sweeps.results import write_tables
+    from sweeps.run.results import write_tables
 
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
@@ -414,7 +414,7 @@ def test_results_table_in_an_unwritable_folder_is_a_clear_error(tmp_path):
 def test_predict_out_to_an_unwritable_path_is_named(tmp_path):
     import pandas as pd
 
-    from carclf.predict import check_writable, write_csv
+    from carclf.serving.predict import check_writable, write_csv
 
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
@@ -449,7 +449,7 @@ class _FakeServer:
 
 @pytest.mark.parametrize("restart_fails", [False, True])
 def test_the_watchdog_restarts_a_dead_server_or_gives_up_and_says_why(restart_fails):
-    from sweeps.watchdog import watch_server
+    from sweeps.run.watchdog import watch_server
 
     server, lost = _FakeServer(restart_fails), []
     with watch_server(server, lost.append, interval_s=0.05, attempts=2) as watch:
@@ -474,7 +474,7 @@ def test_the_watchdog_restarts_a_dead_server_or_gives_up_and_says_why(restart_fa
 def test_the_watchdog_stops_the_sweep_when_its_store_goes_away(fault, expected, store_lost, tmp_path, monkeypatch):
     import sqlite3
 
-    from sweeps import watchdog
+    from sweeps.run import watchdog
 
     db = tmp_path / "mlflow.db"
     with sqlite3.connect(db) as con:
@@ -505,9 +505,9 @@ def test_the_watchdog_stops_the_sweep_when_its_store_goes_away(fault, expected, 
 def test_a_lost_store_ends_the_sweep_with_the_cause_and_the_resume_line_and_is_not_made_again(tmp_path):
     from types import SimpleNamespace
 
-    from carclf.errors import SweepError
-    from sweeps import runner
-    from sweeps.watchdog import ServerWatch, TrackingEndpoint
+    from carclf.core.errors import SweepError
+    from sweeps.run import runner
+    from sweeps.run.watchdog import ServerWatch, TrackingEndpoint
 
     db = tmp_path / "mlflow.db"
     watch = ServerWatch(_FakeServer(restart_fails=False), lost=f"the sweep's tracking store cannot be used: its "
@@ -525,10 +525,13 @@ def test_a_lost_store_ends_the_sweep_with_the_cause_and_the_resume_line_and_is_n
 
 
 def test_mlflow_http_retries_are_bounded_where_trials_run(monkeypatch):
-    from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-                                              MLFLOW_HTTP_REQUEST_TIMEOUT)
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
 
-    from sweeps.watchdog import HTTP_LIMITS, http_limits
+    from sweeps.run.watchdog import HTTP_LIMITS, http_limits
 
     for key in HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)

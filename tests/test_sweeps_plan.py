@@ -1,4 +1,4 @@
-"""The sweep's plan (sweeps/plan.py): each family's estimated trial, defaults cheapest first, a budget that holds
+"""The sweep's plan (sweeps/search/plan.py): each family's estimated trial, defaults cheapest first, a budget that holds
 no trial refused before Ray starts, one that misses a family warned about by name."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 import yaml
 from conftest import encode, random_image
 
-from carclf.errors import SweepError
-from sweeps import plan as plan_mod
-from sweeps.budget import budget_search
-from sweeps.defaults import default_config
-from sweeps.plan import Extraction, Machine, Plan, Shape, family_cost, remember_order
-from sweeps.spec import validate_sweep_spec
+from carclf.core.errors import SweepError
+from sweeps.run.budget import budget_search
+from sweeps.search import plan as plan_mod
+from sweeps.search.defaults import default_config
+from sweeps.search.plan import Extraction, Machine, Plan, Shape, family_cost, remember_order
+from sweeps.search.spec import validate_sweep_spec
 
 # The issue's data: Stanford Cars' training half on MobileNetV2 features at 320 px.
 MANY = Shape(n_train=5700, n_val=812, classes=196)
@@ -104,7 +104,7 @@ def _photos(root: Path, classes: int, per_class: int) -> Path:
 
 @pytest.mark.slow
 def test_carclf_sweep_refuses_an_impossible_budget_before_ray_starts(tmp_path, monkeypatch, capsys):
-    from sweeps import runner
+    from sweeps.run import runner
 
     data = _photos(tmp_path / "cars", 4, 6)
     sweep = {"base": {"data": {"path": str(data), "image_size": 32, "min_images": 3}, "balance": {"mode": "none"},
@@ -127,7 +127,7 @@ def test_carclf_sweep_refuses_an_impossible_budget_before_ray_starts(tmp_path, m
 
 
 def test_the_shipped_many_classes_sweeps_trial_is_estimated_under_a_minute_at_196_classes():
-    from sweeps.spec import load_sweep_spec
+    from sweeps.search.spec import load_sweep_spec
 
     # MACHINE's 5 GFLOP/s is below one core of the project's machine under heavy load (11 GFLOP/s measured)
     spec = load_sweep_spec(Path(__file__).resolve().parents[1] / "sweeps" / "many-classes.yaml")

@@ -9,7 +9,7 @@ import yaml
 
 
 def _spec(data_dir, models: dict, **over):
-    from sweeps.spec import validate_sweep_spec
+    from sweeps.search.spec import validate_sweep_spec
 
     return validate_sweep_spec(_spec_dict(data_dir, models, **over))
 
@@ -24,7 +24,7 @@ def _spec_dict(data_dir, models: dict, **over) -> dict:
 
 
 def test_a_backbone_named_only_in_a_searched_choice_is_a_feature_set(demo_dir, tmp_path):
-    from sweeps.prefetch import family_features
+    from sweeps.run.prefetch import family_features
 
     spec = _spec(demo_dir, {"svm": {"space": {"backbone": {"choices": ["simple_cnn", "alexnet"]}}},
                             "net": {"model": "simple_cnn", "space": {"epochs": 2}}})
@@ -36,7 +36,7 @@ def test_a_backbone_named_only_in_a_searched_choice_is_a_feature_set(demo_dir, t
 
 
 def test_a_searched_range_leaves_the_train_split_to_the_trials(demo_dir):
-    from sweeps.prefetch import family_features
+    from sweeps.run.prefetch import family_features
 
     spec = _spec(demo_dir, {"svm": {"space": {"samples_per_class": {"low": 5, "high": 20}}},
                             "probe": {"model": "mobilenet_v2", "space": {"finetune": {"choices": ["head", "probe"]},
@@ -51,8 +51,8 @@ def test_a_searched_range_leaves_the_train_split_to_the_trials(demo_dir):
 def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_extract_nothing(
         demo_dir, tmp_path, tracked, extractions, monkeypatch, capsys):
     from carclf.experiment import run_experiment
-    from sweeps.driver import plan_sweep, prepare_stores, trial_context
-    from sweeps.trial import _feature_key, _fill_paths, trial_config
+    from sweeps.run.driver import plan_sweep, prepare_stores, trial_context
+    from sweeps.run.trial import _feature_key, _fill_paths, trial_config
 
     models = {"svm_linear": {"model": "svm", "space": {"kernel": "linear"}},
               "svm_rbf": {"model": "svm", "space": {"kernel": "rbf",
@@ -67,7 +67,7 @@ def test_the_driver_extracts_each_split_once_before_any_trial_and_trials_extract
     assert f"4 split(s) extracted, 0 set(s) already cached; " in capsys.readouterr().out
 
     # the trials read their features and extract none (they build the backbone only to time the whole
-    # classifier on a few images, carclf.timing)
+    # classifier on a few images, carclf.training.timing)
     ctx = trial_context(plan, tracked, parent_run_id="p")
     for params in ({"model": "svm_linear", "svm_linear.kernel": "linear", "svm_linear.C": 1.0},
                    {"model": "svm_rbf", "svm_rbf.kernel": "rbf", "svm_rbf.C": 1.0, "svm_rbf.backbone": "mobilenet_v2"}):

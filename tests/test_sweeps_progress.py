@@ -2,8 +2,8 @@
 
 from types import SimpleNamespace
 
-from sweeps.progress import _DRIVERS, SweepProgress, sweep_progress
-from sweeps.spec import validate_sweep_spec
+from sweeps.run.progress import _DRIVERS, SweepProgress, sweep_progress
+from sweeps.search.spec import validate_sweep_spec
 
 SPEC = validate_sweep_spec({"base": {"data": {"image_size": 32}}, "models": {"svm": {"space": {"kernel": "linear"}}}})
 
@@ -61,7 +61,7 @@ def test_the_time_budget_tells_the_driver_it_ran_out_also_when_restored_spent():
     import pickle
     import time
 
-    from sweeps.progress import SweepBudget
+    from sweeps.run.progress import SweepBudget
 
     budget = SweepBudget("timed", 0.05)
     with sweep_progress("timed", SPEC, _Client(), "parent", resumed=False) as driver:

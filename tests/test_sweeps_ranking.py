@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from carclf.errors import ConfigError, DataError, SweepError
+from carclf.core.errors import ConfigError, DataError, SweepError
 from carclf.report.backbones import BACKBONE_SCORES
-from sweeps.ranking import check_searched_backbones, metric_name, rank_sweep_backbones, searched_backbones
-from sweeps.spec import validate_sweep_spec
+from sweeps.run.ranking import check_searched_backbones, metric_name, rank_sweep_backbones, searched_backbones
+from sweeps.search.spec import validate_sweep_spec
 
 
 class RecordingClient:
@@ -103,7 +103,7 @@ def test_a_sweep_ranks_its_backbones_searches_the_kept_one_and_the_report_joins_
 
     from carclf.report.backbones import backbone_ranking
     from carclf.report.selection import resolve_sweep, trial_runs
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     spec = {"base": {"data": {"path": str(demo_dir), "image_size": 32, "min_images": 2},
                      "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "balance": {"mode": "none"},

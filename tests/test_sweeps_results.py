@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from sweeps.results import _show, results_table
-from sweeps.spec import validate_sweep_spec
+from sweeps.run.results import _show, results_table
+from sweeps.search.spec import validate_sweep_spec
 
 SPEC = {"base": {"data": {"image_size": 32}},
         "models": {"simple_cnn": {"space": {"epochs": 2}},
@@ -100,7 +100,7 @@ class _Client:
 
 
 def test_after_a_resume_finished_work_of_lost_trials_is_kept_and_unfinished_runs_closed_or_removed():
-    from sweeps.results import ORPHAN_TAG, _reconcile
+    from sweeps.run.results import ORPHAN_TAG, _reconcile
 
     runs = [_run("r1", "t1", "RUNNING", 1, {}), _run("r2", "t2", "FINISHED", 2, {"val_f1_macro": 0.6}),
             _run("lost_done", "gone1", "FINISHED", 3, {"val_f1_macro": 0.9}),
@@ -114,7 +114,7 @@ def test_after_a_resume_finished_work_of_lost_trials_is_kept_and_unfinished_runs
 
 
 def test_without_trials_from_tune_no_run_is_deleted():
-    from sweeps.results import _reconcile
+    from sweeps.run.results import _reconcile
 
     client = _Client([_run("r1", "t1", "KILLED", 1, {})])
     assert _reconcile(client, "exp", "parent", []) == [] and client.deleted == []
@@ -157,8 +157,8 @@ def test_results_files_follow_the_umask(tmp_path):
     import os
     from types import SimpleNamespace as NS
 
-    from sweeps.driver import _write_text
-    from sweeps.results import _save_results
+    from sweeps.run.driver import _write_text
+    from sweeps.run.results import _save_results
 
     client = NS(log_artifact=lambda *a: None, log_batch=lambda *a, **k: None)
     old = os.umask(0o022)

@@ -58,7 +58,7 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, tracked, demo_dir
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     table = run_sweep(_sweep_file(tmp_path / "s.yaml", demo_dir), name="six", tracking_uri=tracked)
     out = tmp_path / "results" / "six"
@@ -106,7 +106,7 @@ def test_sweep_logs_a_parent_and_one_child_per_trial(tmp_path, tracked, demo_dir
 
 @pytest.mark.slow
 def test_four_concurrent_trials_log_through_the_server(tmp_path, tracked, demo_dir, ray_local):
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     # Networks only: SVM trials sharing a feature key would (rightly) wait for the first to fill the cache.
     models = {"simple_cnn": {"resources": {"cpu": 0.5}, "space": {"epochs": 2}},
@@ -126,7 +126,7 @@ def test_four_concurrent_trials_log_through_the_server(tmp_path, tracked, demo_d
 
 @pytest.mark.slow
 def test_failing_trial_is_retried_then_failed_while_the_sweep_completes(tmp_path, tracked, demo_dir, ray_local):
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a state dict")
@@ -199,7 +199,7 @@ def test_two_objective_sweep_with_a_searched_backbone_then_a_warm_start(tmp_path
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     models = {"svm": {"space": {"kernel": "linear", "C": {"low": 0.01, "high": 1.0, "log": True},
                                 "backbone": {"choices": ["simple_cnn", "mobilenet_v2"]}}},
@@ -246,8 +246,8 @@ def test_two_objective_sweep_with_a_searched_backbone_then_a_warm_start(tmp_path
     assert sorted(s["family"] for s in start["sources"]) == ["simple_cnn", "svm"]
     decisions = [json.loads(line) for line in Path(client.download_artifacts(
         warm.attrs["parent_run_id"], "budget.jsonl", str(tmp_path))).read_text().splitlines()]
-    from sweeps.defaults import default_trial
-    from sweeps.spec import load_sweep_spec
+    from sweeps.search.defaults import default_trial
+    from sweeps.search.spec import load_sweep_spec
 
     spec = load_sweep_spec(wider)
     # each family's default configuration first (cheapest first, by the plan's estimate), then the warm starts
@@ -268,7 +268,7 @@ def test_two_objective_sweep_with_a_searched_backbone_then_a_warm_start(tmp_path
 @pytest.mark.slow
 def test_two_svm_families_on_one_backbone_read_features_the_driver_extracted_once(tmp_path, tracked, demo_dir,
                                                                                    ray_local):
-    from sweeps.runner import run_sweep
+    from sweeps.run.runner import run_sweep
 
     models = {"svm_linear": {"model": "svm", "space": {"kernel": "linear"}},
               "svm_rbf": {"model": "svm", "space": {"kernel": "rbf"}}}

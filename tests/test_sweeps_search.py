@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from sweeps.budget import budget_search
-from sweeps.search import COVER_MAX, COVER_MIN, cover_points, cover_size
-from sweeps.spec import validate_sweep_spec
+from sweeps.run.budget import budget_search
+from sweeps.search.family import COVER_MAX, COVER_MIN, cover_points, cover_size
+from sweeps.search.spec import validate_sweep_spec
 
 BASE = {"data": {"image_size": 32}, "svm": {"backbone": "simple_cnn", "backbone_weights": "none"}}
 C = {"low": 1.0e-3, "high": 1.0e+4, "log": True}

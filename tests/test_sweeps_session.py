@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from sweeps.session import sigterm_as_ctrl_c
+from sweeps.run.session import sigterm_as_ctrl_c
 
 
 def test_sigterm_goes_to_the_ctrl_c_handler_of_the_moment_and_the_old_handler_comes_back():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from carclf.config import ConfigError
-from sweeps.spec import SearchSpace, load_sweep_spec, validate_sweep_spec
+from sweeps.search.spec import SearchSpace, load_sweep_spec, validate_sweep_spec
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -288,7 +288,7 @@ def test_gamma_factor_is_searched_for_rbf_trials_only_and_never_with_a_numeric_g
 def test_each_shipped_sweep_file_has_its_default_trials_inside_the_searched_space(path):
     # A default outside the space still runs, but Optuna cannot learn from it (and, for the SVMs, it costs
     # its own feature extraction): the shipped files keep every family's default inside.
-    from sweeps.defaults import default_trial
+    from sweeps.search.defaults import default_trial
 
     spec = load_sweep_spec(path)
     for key in spec.models:

@@ -37,7 +37,7 @@ def _stored_sweep(root, data_dir, uri, status: str):
 
 
 def _no_ray(monkeypatch):
-    import sweeps.runner as runner
+    import sweeps.run.runner as runner
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished sweep started Ray or a server")
@@ -64,8 +64,8 @@ def test_resume_of_a_finished_sweep_prints_its_stored_table_and_the_next_step(tr
 
 @pytest.mark.parametrize("status", ["KILLED", "RUNNING"])
 def test_an_interrupted_sweep_is_not_answered_from_storage(tracked, demo_dir, tmp_path, status):
-    from sweeps.driver import plan_sweep
-    from sweeps.stored import finished_table
+    from sweeps.run.driver import plan_sweep
+    from sweeps.run.stored import finished_table
 
     path, _ = _stored_sweep(tmp_path, demo_dir, tracked, status)
     plan = plan_sweep(path, name=None, address=None, resume=True, storage_path=None, tracking_uri=None)

@@ -9,7 +9,7 @@ def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path, cap
     import threading
     import time
 
-    from sweeps.trial import first_fill_lock
+    from sweeps.run.trial import first_fill_lock
 
     key = {"svm": {"backbone": "mobilenet_v2"}, "data": {"image_size": 320}}
     order = []
@@ -34,7 +34,7 @@ def test_first_fill_lock_makes_the_second_trial_wait_for_the_first(tmp_path, cap
 def test_features_the_driver_extracted_let_trials_run_side_by_side(tmp_path):
     import threading
 
-    from sweeps.trial import first_fill_lock, mark_filled
+    from sweeps.run.trial import first_fill_lock, mark_filled
 
     key = {"svm": {"backbone": "mobilenet_v2"}}
     mark_filled(tmp_path, key)
@@ -58,7 +58,7 @@ def test_features_the_driver_extracted_let_trials_run_side_by_side(tmp_path):
 ])
 def test_trials_wait_for_each_other_only_where_the_seed_leaves_the_features_alone(settings, seed_matters):
     from carclf.config import RunConfig, deep_merge
-    from sweeps.trial import _feature_key
+    from sweeps.run.trial import _feature_key
 
     base = {"model": {"name": "svm"}, "balance": {"mode": "none"}, "augment": {"strength": 0.0},
             "svm": {"backbone": "mobilenet_v2", "backbone_weights": "imagenet"}}
@@ -69,7 +69,7 @@ def test_trials_wait_for_each_other_only_where_the_seed_leaves_the_features_alon
 
 
 def test_first_fill_lock_is_not_marked_done_by_a_failure(tmp_path):
-    from sweeps.trial import first_fill_lock
+    from sweeps.run.trial import first_fill_lock
 
     with pytest.raises(RuntimeError):
         with first_fill_lock(tmp_path, {"k": 1}):
@@ -81,7 +81,8 @@ def _parent_and_trial_runs(uri: str, runs: list[tuple[str, str, dict]]):
     """A sweep's parent run and child trial runs [(trial_id, status, sampled params)] as the runner tags them."""
     from mlflow.tracking import MlflowClient
 
-    from sweeps.trial import PARAMS_TAG, PARENT_TAG, ROLE_TAG, TRIAL_TAG, params_key
+    from sweeps.run.records import PARAMS_TAG, PARENT_TAG, ROLE_TAG, TRIAL_TAG
+    from sweeps.run.trial import params_key
 
     client = MlflowClient(uri)
     exp = client.create_experiment("trials")
@@ -97,8 +98,8 @@ def _parent_and_trial_runs(uri: str, runs: list[tuple[str, str, dict]]):
 
 
 def _ctx(parent: str, uri: str, orphans=()):
-    from sweeps.spec import validate_sweep_spec
-    from sweeps.trial import TrialContext
+    from sweeps.run.trial import TrialContext
+    from sweeps.search.spec import validate_sweep_spec
 
     spec = validate_sweep_spec({"models": {"svm": {"space": {"kernel": "linear"}}}})
     return TrialContext(sweep="s", spec=spec, overrides={}, parent_run_id=parent, tracking_uri=uri, resumed=True,
@@ -106,7 +107,8 @@ def _ctx(parent: str, uri: str, orphans=()):
 
 
 def test_a_resumed_trial_takes_over_the_finished_run_of_a_trial_tune_never_saved(tracked_db):
-    from sweeps.trial import ADOPTED_TAG, TRIAL_TAG, _reuse_finished_run
+    from sweeps.run.records import ADOPTED_TAG, TRIAL_TAG
+    from sweeps.run.trial import _reuse_finished_run
 
     params = {"model": "svm", "svm.C": 2.5}
     client, parent, (orphan, other) = _parent_and_trial_runs(
@@ -126,7 +128,8 @@ def test_a_resumed_trial_takes_over_the_finished_run_of_a_trial_tune_never_saved
 
 
 def test_a_trial_attempt_whose_process_died_is_closed_failed_when_the_trial_starts_again(tracked_db):
-    from sweeps.trial import ERROR_TAG, close_dead_attempts
+    from sweeps.run.records import ERROR_TAG
+    from sweeps.run.trial import close_dead_attempts
 
     client, parent, (dead, other) = _parent_and_trial_runs(tracked_db, [("t1", "RUNNING", {}), ("t2", "RUNNING", {})])
     close_dead_attempts(_ctx(parent, tracked_db), client, "t1")

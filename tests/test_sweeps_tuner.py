@@ -2,8 +2,8 @@
 
 from types import SimpleNamespace
 
-from sweeps.spec import validate_sweep_spec
-from sweeps.tuner import NetworkASHA, PerModelResources, _interrupted
+from sweeps.run.tuner import NetworkASHA, PerModelResources, _interrupted
+from sweeps.search.spec import validate_sweep_spec
 
 
 def _spec(**over):
@@ -60,8 +60,8 @@ def test_a_sweep_short_of_trials_within_its_budget_was_interrupted():
 def test_two_objectives_make_a_multi_objective_search_per_family_that_prunes_a_trial_without_both():
     import optuna
 
-    from sweeps.budget import FamilyBudgetSearch, budget_search
-    from sweeps.search import ParetoSearch
+    from sweeps.run.budget import FamilyBudgetSearch, budget_search
+    from sweeps.search.family import ParetoSearch
 
     spec = _spec(metric=["val_f1_macro", "size_mb"], mode=["max", "min"])
     searcher = budget_search(spec)
@@ -88,8 +88,8 @@ def test_one_objective_keeps_a_single_objective_search_per_family_without_a_mode
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweeps.budget import budget_search
-    from sweeps.search import ParetoSearch
+    from sweeps.run.budget import budget_search
+    from sweeps.search.family import ParetoSearch
 
     searcher = budget_search(_spec())
     assert searcher.metric == "val_f1_macro" and searcher.mode == "max"
@@ -114,8 +114,8 @@ def test_a_sweep_its_budget_ended_is_finished_however_long_this_run_of_it_took()
 
 
 def test_asha_lets_a_default_configuration_run_its_epochs_even_beyond_the_searched_range():
-    from sweeps.budget import budget_search
-    from sweeps.tuner import _max_epochs
+    from sweeps.run.budget import budget_search
+    from sweeps.run.tuner import _max_epochs
 
     spec = _spec(models={"simple_cnn": {"space": {"epochs": {"low": 2, "high": 4}}}})  # RunConfig's default: 10
     assert spec.max_epochs() == 4 and _max_epochs(spec, budget_search(spec)) == 10
@@ -123,7 +123,7 @@ def test_asha_lets_a_default_configuration_run_its_epochs_even_beyond_the_search
 
 
 def test_tunes_last_status_table_is_not_printed_before_carclfs_own():
-    from sweeps.tuner import _StatusWhileRunning
+    from sweeps.run.tuner import _StatusWhileRunning
 
     reporter = _StatusWhileRunning(metric_columns=["val_f1_macro"], max_report_frequency=0)
     assert reporter.should_report([], done=False)  # while trials run, Tune's table as before

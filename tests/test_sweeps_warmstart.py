@@ -8,12 +8,12 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
-from carclf.errors import SweepError
 from spec_sweep import finished_values, pareto_sweep, pareto_uri, sweep_file  # noqa: F401 - fixtures
-from sweeps.spec import validate_sweep_spec
-from sweeps.studies import SweepTrial
-from sweeps.warmstart import points_from_trials, warm_start_points
+
+from carclf.core.errors import SweepError
+from sweeps.search.spec import validate_sweep_spec
+from sweeps.search.studies import SweepTrial
+from sweeps.search.warmstart import points_from_trials, warm_start_points
 
 BASE = {"data": {"image_size": 32}}
 
@@ -80,7 +80,7 @@ def test_a_point_left_without_parameters_is_skipped_and_too_many_points_are_name
 
 
 def test_the_search_runs_the_defaults_then_exactly_the_warm_start_points():
-    from sweeps.budget import budget_search
+    from sweeps.run.budget import budget_search
 
     earlier, trials = _earlier()
     spec = _wider(num_samples=8)
@@ -107,8 +107,8 @@ def test_the_search_runs_the_defaults_then_exactly_the_warm_start_points():
             assert cfg.svm.kernel == "linear" and ("svm.C" not in point or cfg.svm.C == point["svm.C"])
         else:
             assert cfg.train.lr == float(source.params["train.lr"]) and cfg.train.batch_size == 32
-    # then the family's cover points (sweeps.search), before its sampler models the space
-    from sweeps.search import cover_points, cover_size
+    # then the family's cover points (sweeps.search.family), before its sampler models the space
+    from sweeps.search.family import cover_points, cover_size
 
     after = configs[-1]["model"]
     cover = cover_points(spec, after, cover_size(spec, after), spec.seeds.sampler + list(spec.models).index(after))
@@ -117,7 +117,7 @@ def test_the_search_runs_the_defaults_then_exactly_the_warm_start_points():
 
 
 def test_warm_start_is_refused_for_a_resumed_sweep_and_top_must_be_positive():
-    from sweeps.runner import _warm_start
+    from sweeps.run.runner import _warm_start
 
     with pytest.raises(SweepError, match="resumed sweep"):
         _warm_start(SimpleNamespace(state={"parent_run_id": "x"}), "earlier", 1)

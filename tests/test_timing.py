@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-
-from carclf import features
-from carclf.experiment import run_experiment
-from carclf.models import InputConfig
-from carclf.threads import torch_threads
-from carclf.timing import TIMING_IMAGES, network_classes, seconds_per_image
 from test_experiment import config
+
+from carclf.core.threads import torch_threads
+from carclf.experiment import run_experiment
+from carclf.models.records import InputConfig
+from carclf.training import features
+from carclf.training.timing import TIMING_IMAGES, network_classes, seconds_per_image
 
 
 class FakeClock:
@@ -85,8 +85,8 @@ def test_an_svms_inference_time_does_not_depend_on_the_feature_cache(demo_dir, t
 
 
 def test_the_timing_batch_is_small(demo_dir):
-    from carclf.data import prepare_data
-    from carclf.timing import timing_images
+    from carclf.data.prepare import prepare_data
+    from carclf.training.timing import timing_images
 
     cfg = config(demo_dir, model={"name": "svm"})
     images = timing_images(cfg, prepare_data(cfg, image_size=32), torch.device("cpu"))

@@ -13,10 +13,12 @@ import torch
 import torchvision.models as tvm
 from mlflow.tracking import MlflowClient
 
-from carclf import cli, top
+from carclf import cli
 from carclf.config import ConfigError, RunConfig, validate_run_config
 from carclf.experiment import run_experiment
-from carclf.training import make_loss, make_optimizer, train_one_epoch
+from carclf.models import finetune
+from carclf.training import top
+from carclf.training.loop import make_loss, make_optimizer, train_one_epoch
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
@@ -59,7 +61,7 @@ def test_the_top_on_the_trunk_is_the_whole_network(name):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         whole = model(x)
-        n = len(top.find_blocks(model).blocks)
+        n = len(finetune.find_blocks(model).blocks)
         for k in (1, 2, n):
             cut = top.cut_network(model, k, name)
             assert cut.n_blocks == n
@@ -108,9 +110,9 @@ def test_the_trunk_runs_once_per_split_and_once_for_the_mirror(demo_dir, tracked
 
 
 def test_the_mirrored_cache_is_the_trunk_on_flipped_images(demo_dir, tracked):
-    from carclf.arrays import in_memory, load_split
-    from carclf.data import prepare_data
-    from carclf.transforms import BatchEval
+    from carclf.data.arrays import in_memory, load_split
+    from carclf.data.prepare import prepare_data
+    from carclf.data.transforms import BatchEval
 
     cfg = top_config(demo_dir, augment=1.0, weights="imagenet")
     data = prepare_data(cfg, image_size=32)
@@ -147,8 +149,8 @@ def test_flips_are_drawn_per_image_per_epoch():
 
 @pytest.mark.slow  # a run that logs its model, then loads it back through carclf's check: about 30 s on 2 cores
 def test_the_logged_model_predicts_from_photos_what_the_run_evaluated(demo_dir, tracked):
-    from carclf.data import prepare_data
-    from carclf.model_check import load_checked_model
+    from carclf.data.prepare import prepare_data
+    from carclf.serving.model_check import load_checked_model
 
     cfg = top_config(demo_dir, augment=0.5)
     result = run_experiment(cfg)
@@ -185,7 +187,7 @@ def test_carclf_train_refuses_more_blocks_than_the_network_has(demo_dir, monkeyp
 
 
 def test_a_sweep_searching_too_many_blocks_is_refused_before_ray_starts():
-    from sweeps.spec import validate_sweep_spec
+    from sweeps.search.spec import validate_sweep_spec
 
     sweep = {"base": {"data": {"path": "demo_data"}}, "models": {"top": {
         "model": "mobilenet_v2", "config": {"model": {"finetune": "top"}}, "space": {"top_blocks": {"low": 2,
@@ -210,9 +212,9 @@ def test_a_cache_that_does_not_fit_is_refused_before_the_trunk_runs(demo_dir, tr
 
 
 def test_a_sweep_whose_activations_do_not_fit_is_refused_before_ray_starts(demo_dir, monkeypatch):
-    from carclf.errors import SweepError
-    from sweeps.preflight import preflight
-    from sweeps.spec import validate_sweep_spec
+    from carclf.core.errors import SweepError
+    from sweeps.run.preflight import preflight
+    from sweeps.search.spec import validate_sweep_spec
 
     spec = validate_sweep_spec({
         "base": {"data": {"path": str(demo_dir), "image_size": 32}, "balance": {"mode": "none"}},

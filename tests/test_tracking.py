@@ -18,9 +18,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from carclf import tracking
 from carclf.config import RunConfig
-from carclf.errors import TrackingError
+from carclf.core.errors import TrackingError
+from carclf.tracking import runs as tracking
 
 MODEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where a loaded model runs
 
@@ -115,8 +115,8 @@ def _photos(n: int, size: int = 24) -> list[bytes]:
 def _eval_batch(photos: list[bytes], input_config) -> torch.Tensor:
     """What carclf's own evaluation feeds a network: decode-cache decoding, then the eval preset, on the
     device a loaded model picks (so a CUDA host compares like with like)."""
-    from carclf.cache import decode_image
-    from carclf.transforms import EvalPreset
+    from carclf.data.cache import decode_image
+    from carclf.data.transforms import EvalPreset
 
     preset = EvalPreset(input_config)
     return torch.stack([preset(decode_image(p, input_config.size)) for p in photos]).to(MODEL_DEVICE)
@@ -129,7 +129,7 @@ def _metadata(net, classes, **extra) -> dict:
 
 
 def test_network_model_is_one_pyfunc_from_photo_bytes_to_class_probabilities(tracked):
-    from carclf.models import build_model
+    from carclf.models.networks import build_model
 
     torch.manual_seed(0)
     classes = ["bus", "van", "sedan"]
@@ -155,7 +155,7 @@ def test_network_model_is_one_pyfunc_from_photo_bytes_to_class_probabilities(tra
 
 
 def test_svm_model_ships_its_backbone_and_predicts_what_backbone_plus_pipeline_predict(tracked):
-    from carclf.models import build_backbone, build_model
+    from carclf.models.networks import build_backbone, build_model
 
     torch.manual_seed(0)
     backbone = build_backbone("simple_cnn", weights="none", image_size=16)
@@ -182,7 +182,7 @@ def test_svm_pipeline_with_a_type_the_loader_does_not_trust_is_refused_at_loggin
     from sklearn.preprocessing import FunctionTransformer
     from sklearn.svm import SVC
 
-    from carclf.models import build_backbone
+    from carclf.models.networks import build_backbone
 
     x, y = np.random.default_rng(0).random((8, 4)), np.arange(8) % 2
     pipe = Pipeline([("neg", FunctionTransformer(operator.neg)), ("svc", SVC())]).fit(x, y)
@@ -194,7 +194,7 @@ def test_svm_pipeline_with_a_type_the_loader_does_not_trust_is_refused_at_loggin
 
 
 class _FakeServer:
-    """Stands in for carclf.server.TrackingServer in `carclf ui`: records what it was given and what had been
+    """Stands in for carclf.tracking.server.TrackingServer in `carclf ui`: records what it was given and what had been
     printed when it started; Ctrl+C right after."""
 
     def __init__(self, capsys, uri, port):
@@ -215,9 +215,9 @@ class _FakeServer:
 
 
 def _fake_ui(monkeypatch, capsys):
-    from carclf import server
+    from carclf.tracking import runs
 
-    monkeypatch.setattr(server, "TrackingServer", lambda uri, port: _FakeServer(capsys, uri, port))
+    monkeypatch.setattr(runs, "TrackingServer", lambda uri, port: _FakeServer(capsys, uri, port))
 
 
 def test_cli_ui_prints_its_links_once_the_server_answers(tmp_path, monkeypatch, capsys):
@@ -233,7 +233,7 @@ def test_cli_ui_prints_its_links_once_the_server_answers(tmp_path, monkeypatch, 
 
 
 def test_the_ui_server_is_the_light_one_on_loopback_with_the_store_off_its_command_line():
-    from carclf.server import TrackingServer
+    from carclf.tracking.server import TrackingServer
 
     server = TrackingServer("postgresql://mlflow:secret@db:5432/mlflow", port=5055)
     cmd, env = server._command(), server._environment()
@@ -311,7 +311,7 @@ def test_processes_that_first_touch_a_new_sqlite_store_at_once_all_get_the_same_
     import sys
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = "import sys; from carclf.tracking import ensure_experiment; print(ensure_experiment('together', sys.argv[1]))"
+    code = "import sys; from carclf.tracking.runs import ensure_experiment; print(ensure_experiment('together', sys.argv[1]))"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for _ in range(4)]
@@ -322,8 +322,8 @@ def test_processes_that_first_touch_a_new_sqlite_store_at_once_all_get_the_same_
 
 @pytest.mark.skipif(importlib.util.find_spec("psycopg") is not None, reason="psycopg is installed here")
 def test_a_postgres_uri_without_its_driver_names_the_extra_before_anything_starts():
-    from carclf.errors import TrackingError
-    from carclf.tracking import resolve_tracking_uri
+    from carclf.core.errors import TrackingError
+    from carclf.tracking.runs import resolve_tracking_uri
 
     with pytest.raises(TrackingError) as err:
         resolve_tracking_uri("postgresql://me:secret@db.example/mlflow")
@@ -333,8 +333,8 @@ def test_a_postgres_uri_without_its_driver_names_the_extra_before_anything_start
 
 
 def test_a_database_uri_sqlalchemy_cannot_read_is_named():
-    from carclf.errors import TrackingError
-    from carclf.tracking import resolve_tracking_uri
+    from carclf.core.errors import TrackingError
+    from carclf.tracking.runs import resolve_tracking_uri
 
     with pytest.raises(TrackingError, match="is not a database URL SQLAlchemy understands"):
         resolve_tracking_uri("postgresql+nosuchdriver://db.example/mlflow")
@@ -343,8 +343,8 @@ def test_a_database_uri_sqlalchemy_cannot_read_is_named():
 def test_a_damaged_sqlite_store_is_named_before_mlflow_touches_it(tmp_path):
     import sqlite3
 
-    from carclf.errors import TrackingError
-    from carclf.tracking import resolve_tracking_uri
+    from carclf.core.errors import TrackingError
+    from carclf.tracking.runs import resolve_tracking_uri
 
     db = tmp_path / "mlflow.db"
     with sqlite3.connect(db) as con:

@@ -8,10 +8,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from carclf import training
 from carclf.config import TrainConfig
-from carclf.training import (EvalOutput, evaluate, fit, loader_options, make_loss, make_optimizer, select_device,
-                             seed_everything, train_one_epoch)
+from carclf.training import loop as training
+from carclf.training.loop import (
+    EvalOutput,
+    evaluate,
+    fit,
+    loader_options,
+    make_loss,
+    make_optimizer,
+    seed_everything,
+    select_device,
+    train_one_epoch,
+)
 
 CPU = torch.device("cpu")
 

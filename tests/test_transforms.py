@@ -1,4 +1,4 @@
-"""Transform presets (carclf/transforms.py): strength 0 is no augmentation, strength scales every op."""
+"""Transform presets (carclf/data/transforms.py): strength 0 is no augmentation, strength scales every op."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from carclf.transforms import AugmentParams, BatchEval, BatchTrainAugment, EvalPreset, TrainPreset, random_ops
+from carclf.data.transforms import AugmentParams, BatchEval, BatchTrainAugment, EvalPreset, TrainPreset, random_ops
 
 
 @dataclass(frozen=True)
-class _Input:  # the fields of carclf.models.InputConfig the presets read
+class _Input:  # the fields of carclf.models.records.InputConfig the presets read
     size: int = 32
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
@@ -79,7 +79,7 @@ def test_strength_outside_0_1_is_refused(strength):
 
 def _batch(n=6, size=32, seed=0) -> torch.Tensor:
     images = np.stack([_image(size, seed + i) for i in range(n)])
-    return torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW, as carclf.inputs hands batches over
+    return torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 NCHW, as carclf.data.inputs hands batches over
 
 
 def _gen(seed=0) -> torch.Generator:
@@ -132,7 +132,7 @@ def test_batch_eval_equals_the_eval_preset(size):
 
 
 def test_batch_geometry_flips_and_rotates_each_image_as_asked():
-    from carclf.transforms import _affine_grid
+    from carclf.data.transforms import _affine_grid
 
     theta = torch.randn(4, 2, 3, generator=_gen())
     expected = torch.nn.functional.affine_grid(theta, [4, 3, 24, 24], align_corners=False)

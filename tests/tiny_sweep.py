@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import use_tracking_uri
 
 EXPERIMENT = "carclf"
@@ -39,7 +38,7 @@ _BUILT: dict[str, TinySweeps] = {}
 
 def config(data_dir: Path, uri: str, cache: Path, **sections):
     from carclf.config import deep_merge, validate_run_config
-    from carclf.models import mobilenet_v2_weights_file
+    from carclf.models.zoo import mobilenet_v2_weights_file
 
     base = {
         "data": {"path": str(data_dir), "image_size": IMAGE_SIZE, "min_images": 2, "cache_dir": str(cache)},
@@ -60,8 +59,8 @@ def make_sweep(name: str, trials: list[tuple[str, object]], *, root: Path, uri: 
     A failing config yields a FAILED run. Returns {run_id: final validation macro-F1 (None if failed)}
     as run_experiment computed it, for checking what the report reads back from MLflow.
     """
-    from carclf import tracking
     from carclf.experiment import run_experiment
+    from carclf.tracking import runs as tracking
 
     finals = {}
     with tracking.start_run(experiment=EXPERIMENT, run_name=name, uri=uri,
@@ -89,7 +88,7 @@ def write_sweep_json(root: Path, name: str, parent_id: str, uri: str) -> None:
 
 
 def _build(root: Path) -> TinySweeps:
-    from carclf.demo import make_demo
+    from carclf.data.demo import make_demo
     from carclf.report import build_report
 
     data_dir, cache = root / "demo", root / "cache"

@@ -19,50 +19,40 @@ The steps, one module each: `selection` (the sweep's trials, the best per family
 `gain` (best against default), `render` (figures and the HTML page), `analysis` (the sweep's
 importance, history and Pareto front, read from its parent run), `edges` (the sweep's
 edge-of-range warnings) and `build` (the whole report, its files, its MLflow run, and
-`carclf report`). Their public names are importable from `carclf.report`.
+`carclf report`). Their public names are importable from `carclf.report`; each loads its module on first use.
 """
 
-from carclf.report.analysis import StoredAnalysis, analysis_section, load_analysis
-from carclf.report.build import (REPORT_FILES, SWEEP_PARENT_TAG, WINNER_TAG, ReportResult, build_report, cli_report,
-                                 console_table, report_file_name, write_outputs)
-from carclf.report.edges import EDGE_ARTIFACT, edge_lines, edge_section, edge_table, load_edge_warnings
-from carclf.report.gain import (DEFAULT_ROLE, OVERALL, TuningPair, default_retests, default_trials, gain_metrics,
-                                gain_section, gain_sentence, gain_sentences, gain_table, pair_gain, retest_defaults,
-                                verdict)
-from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
-                                   per_class_f1_table, pooled_confusion, ranking_metric, split_counts_table, winner,
-                                   winner_sentence)
-from carclf.report.render import CONFUSION_PREFIX, data_uri, figure_png, render_html, report_figures
-from carclf.report.retest import (MANIFEST_ARTIFACT, REPORT_RUN_TAG, REPRESENTATIVE_TAG, RETEST_SEEDS_TAG,
-                                  SEED_INDEX_TAG, SOURCE_TRIAL_TAG, TEST_HASH_TAG, FamilyRetest, SeedRun,
-                                  check_same_test_split, deterministic_training, manifest_test_hash, retest_family,
-                                  retest_trial, run_manifest, run_test_hash, seed_configs)
-from carclf.report.selection import (BASELINE_TAG, MODEL_TAG, NETWORK_KEYS, ROLE_TAG, STOPPED_TAG, SVM_KEYS, SWEEP_MODEL_TAG,
-                                     SWEEP_TAG, SweepInfo, chosen_configuration, configuration_keys, family_of,
-                                     final_metric, parent_run, resolve_sweep, select_best, sweep_client, sweep_uri,
-                                     trial_config, trial_runs, unfinished)
+import lazy_loader
 
-__all__ = [
-    # analysis (the sweep's, as stored on its parent run)
-    "StoredAnalysis", "analysis_section", "load_analysis",
-    # selection
-    "BASELINE_TAG", "MODEL_TAG", "NETWORK_KEYS", "ROLE_TAG", "STOPPED_TAG", "SVM_KEYS", "SWEEP_MODEL_TAG", "SWEEP_TAG", "SweepInfo",
-    "chosen_configuration", "family_of", "final_metric", "parent_run", "resolve_sweep", "select_best",
-    "sweep_client", "sweep_uri", "trial_config", "trial_runs", "unfinished", "configuration_keys",
-    # retest
-    "MANIFEST_ARTIFACT", "REPORT_RUN_TAG", "REPRESENTATIVE_TAG", "RETEST_SEEDS_TAG", "SEED_INDEX_TAG",
-    "SOURCE_TRIAL_TAG", "TEST_HASH_TAG", "FamilyRetest", "SeedRun", "check_same_test_split", "deterministic_training",
-    "manifest_test_hash", "retest_family", "retest_trial", "run_test_hash", "seed_configs", "run_manifest",
-    # gain (best against default) and edges (the sweep's edge-of-range warnings)
-    "DEFAULT_ROLE", "OVERALL", "TuningPair", "default_retests", "default_trials", "gain_metrics", "gain_section",
-    "gain_sentence", "gain_sentences", "gain_table", "pair_gain", "retest_defaults", "verdict",
-    "EDGE_ARTIFACT", "edge_lines", "edge_section", "edge_table", "load_edge_warnings",
-    # compare
-    "TABLE_METRICS", "comparison_table", "confused_pairs_table", "mcnemar_table", "per_class_f1_table",
-    "pooled_confusion", "ranking_metric", "split_counts_table", "winner", "winner_sentence",
-    # render
-    "CONFUSION_PREFIX", "data_uri", "figure_png", "render_html", "report_figures",
-    # build
-    "REPORT_FILES", "SWEEP_PARENT_TAG", "WINNER_TAG", "ReportResult", "build_report", "cli_report", "console_table",
-    "report_file_name", "write_outputs",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "analysis": ['StoredAnalysis', 'analysis_section', 'load_analysis'],
+        "build": [
+            'REPORT_FILES', 'SWEEP_PARENT_TAG', 'WINNER_TAG', 'ReportResult', 'build_report', 'cli_report',
+            'console_table', 'report_file_name', 'write_outputs'
+        ],
+        "compare": [
+            'TABLE_METRICS', 'comparison_table', 'confused_pairs_table', 'mcnemar_table', 'per_class_f1_table',
+            'pooled_confusion', 'ranking_metric', 'split_counts_table', 'winner', 'winner_sentence'
+        ],
+        "edges": ['EDGE_ARTIFACT', 'edge_lines', 'edge_section', 'edge_table', 'load_edge_warnings'],
+        "gain": [
+            'DEFAULT_ROLE', 'OVERALL', 'TuningPair', 'default_retests', 'default_trials', 'gain_metrics',
+            'gain_section', 'gain_sentence', 'gain_sentences', 'gain_table', 'pair_gain', 'retest_defaults', 'verdict'
+        ],
+        "render": ['CONFUSION_PREFIX', 'data_uri', 'figure_png', 'render_html', 'report_figures'],
+        "retest": [
+            'MANIFEST_ARTIFACT', 'REPORT_RUN_TAG', 'REPRESENTATIVE_TAG', 'RETEST_SEEDS_TAG', 'SEED_INDEX_TAG',
+            'SOURCE_TRIAL_TAG', 'TEST_HASH_TAG', 'FamilyRetest', 'SeedRun', 'check_same_test_split',
+            'deterministic_training', 'manifest_test_hash', 'retest_family', 'retest_trial', 'run_manifest',
+            'run_test_hash', 'seed_configs'
+        ],
+        "selection": [
+            'BASELINE_TAG', 'MODEL_TAG', 'NETWORK_KEYS', 'ROLE_TAG', 'STOPPED_TAG', 'SVM_KEYS', 'SWEEP_MODEL_TAG',
+            'SWEEP_TAG', 'SweepInfo', 'chosen_configuration', 'configuration_keys', 'family_of', 'final_metric',
+            'parent_run', 'resolve_sweep', 'select_best', 'sweep_client', 'sweep_uri', 'trial_config', 'trial_runs',
+            'unfinished'
+        ],
+    },
+)

@@ -4,7 +4,7 @@ across families, the Pareto front with the retested choices marked.
     stored = load_analysis(client, info)                  # analysis/ of the sweep's parent run, or None
     html, figures = analysis_section(stored, families, info)
 
-The analysis itself is made by sweeps.analysis (with Optuna) at the end of every sweep and by
+The analysis itself is made by sweeps.analysis.explain (with Optuna) at the end of every sweep and by
 `carclf analyze`, and kept on the sweep's parent run under `analysis/`. The report reads it from
 there instead of computing it: carclf does not import Optuna, and the report shows the analysis
 MLflow holds, the one `carclf analyze` refreshes for a sweep that was still running. Only the
@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
+from carclf.core.figures import pareto_front_figure
 from carclf.report.render import _html_table, data_uri, figure_png
 from carclf.report.retest import FamilyRetest
 from carclf.report.selection import SweepInfo
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_DIR = "analysis"  # where sweeps.analysis logs it on the parent run
+ANALYSIS_DIR = "analysis"  # where sweeps.analysis.explain logs it on the parent run
 FIGURE_TITLES = {"importance": "Hyperparameter importance (PED-ANOVA)",
                  "history": "Optimisation history: each trial and the best so far, by trial and by wall time",
                  "parallel": "Parallel coordinates of the searched parameters, coloured by the metric",
@@ -47,7 +49,6 @@ class StoredAnalysis:
 
 def load_analysis(client, info: SweepInfo) -> StoredAnalysis | None:
     """The analysis on the sweep's parent run, or None when there is none (or it cannot be read)."""
-    from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -79,7 +80,6 @@ def _named_files(summary: dict[str, Any]) -> list[str]:
 
 def pareto_figure(stored: StoredAnalysis, families: list[FamilyRetest]) -> bytes | None:
     """The Pareto front across families, each family's retested trial ringed; None without a front."""
-    from carclf.figures import pareto_front_figure
 
     pareto = stored.summary.get("pareto")
     table = stored.tables.get(pareto["table"]) if pareto else None
@@ -151,7 +151,7 @@ def _family_html(stored: StoredAnalysis, key: str, family: dict[str, Any], metri
     choices = stored.tables.get(tables.get("choices", ""))
     if choices is not None and not choices.empty:
         backbones = choices[choices["param"].astype(str).str.endswith(".backbone")]
-        if len(backbones):  # sorted best first by sweeps.analysis
+        if len(backbones):  # sorted best first by sweeps.analysis.explain
             won = backbones.iloc[0]
             parts.append(f"<p>Backbone that won: <b>{e(str(won['choice']))}</b> (best {e(metric)} "
                          f"{float(won['best']):.4f} over {int(won['trials'])} trials)</p>")

@@ -3,7 +3,7 @@
     ranking = backbone_ranking(client, info, trials)   # None when the sweep ranked no backbones
     backbone_section(ranking)                           # HTML: the table and the rank correlation per family
 
-The sweep writes `backbone_scores.json` on its parent run (sweeps.ranking) before its trials; the
+The sweep writes `backbone_scores.json` on its parent run (sweeps.run.ranking) before its trials; the
 report joins it with the trials: per family and backbone, the best finished trial's validation
 figure, and Spearman's rank correlation between the scores and those figures (did the ranking
 order the backbones as their trials did?). Backbones the ranking left out of the search have a
@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from scipy.stats import spearmanr
 
+from carclf.report.render import _html_table
 from carclf.report.selection import SweepInfo, parent_run
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,6 @@ class BackboneRanking:
 
 def load_backbone_scores(client, info: SweepInfo) -> dict[str, Any] | None:
     """The parent run's backbone_scores.json; None when it has none (an unreadable file is logged and skipped)."""
-    from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -89,7 +91,6 @@ def backbone_table(scores: dict[str, Any], trials: pd.DataFrame, backbones: dict
 
 def rank_correlations(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     """Per family, Spearman's rho between LogME and the best validation figure (backbones with trials; 3 or more)."""
-    from scipy.stats import spearmanr
 
     rows = []
     column = f"best {metric}"
@@ -119,7 +120,6 @@ def correlation_sentence(row: pd.Series) -> str:
 
 def backbone_section(ranking: BackboneRanking | None) -> str:
     """The report's section on the backbones ranked before the search ('' when there was no ranking)."""
-    from carclf.report.render import _html_table
 
     if ranking is None or ranking.table.empty:
         return ""

@@ -10,6 +10,7 @@ report. Every file is written atomically.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
@@ -20,22 +21,69 @@ from typing import Any
 
 import pandas as pd
 
-from carclf.errors import DataError, SweepError
+from carclf.core.console import fit_table, wrapped
+from carclf.core.errors import DataError, SweepError
+from carclf.core.files import USER_FILE_MODE, atomic_path, check_can_create
 from carclf.report.analysis import analysis_section, load_analysis
 from carclf.report.backbones import backbone_ranking, backbone_section
 from carclf.report.chance import RATE_METRIC, below_majority, majority_rate
-from carclf.report.compare import (TABLE_METRICS, comparison_table, confused_pairs_table, mcnemar_table,
-                                   per_class_f1_table, ranking_metric, split_counts_table, winner, winner_sentence)
+from carclf.report.compare import (
+    TABLE_METRICS,
+    comparison_table,
+    confused_pairs_table,
+    mcnemar_table,
+    per_class_f1_table,
+    ranking_metric,
+    split_counts_table,
+    winner,
+    winner_sentence,
+)
 from carclf.report.edges import edge_lines, edge_section, load_edge_warnings
-from carclf.report.gain import (TuningPair, default_retests, default_trials, defaults_summary, gain_metrics,
-                                gain_problems, gain_records, gain_section, gain_sentences, gain_table, retest_defaults)
 from carclf.report.gain import RULE as GAIN_RULE
-from carclf.report.render import (CONFUSION_PREFIX, REGISTERED_COLUMN, _with_intervals, chooser_header, figure_png,
-                                  render_html, report_figures)
-from carclf.report.retest import (REPRESENTATIVE_TAG, RETEST_SEEDS_TAG, TEST_HASH_TAG, FamilyRetest,
-                                  check_same_test_split, retest_trial, run_manifest, run_test_hash)
-from carclf.report.selection import (ROLE_TAG, SWEEP_TAG, SweepInfo, parent_run, resolve_sweep, select_best,
-                                     sweep_client, trial_runs, unfinished)
+from carclf.report.gain import (
+    TuningPair,
+    default_retests,
+    default_trials,
+    defaults_summary,
+    gain_metrics,
+    gain_problems,
+    gain_records,
+    gain_section,
+    gain_sentences,
+    gain_table,
+    retest_defaults,
+)
+from carclf.report.render import (
+    CONFUSION_PREFIX,
+    REGISTERED_COLUMN,
+    _with_intervals,
+    chooser_header,
+    figure_png,
+    render_html,
+    report_figures,
+)
+from carclf.report.retest import (
+    REPRESENTATIVE_TAG,
+    RETEST_SEEDS_TAG,
+    TEST_HASH_TAG,
+    FamilyRetest,
+    check_same_test_split,
+    retest_trial,
+    run_manifest,
+    run_test_hash,
+)
+from carclf.report.selection import (
+    ROLE_TAG,
+    SWEEP_TAG,
+    SweepInfo,
+    parent_run,
+    resolve_sweep,
+    select_best,
+    sweep_client,
+    trial_runs,
+    unfinished,
+)
+from carclf.tracking.browse import ui_heading, ui_path, ui_url
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +110,6 @@ def report_file_name(key: str) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    from carclf.cache import USER_FILE_MODE, atomic_path
-
     with atomic_path(path, mode=USER_FILE_MODE) as tmp:  # a report is for sharing: the umask decides, as for any file
         write(str(tmp))
 
@@ -178,7 +224,6 @@ def build_report(sweep: str | Path, *, seeds: int = 3, out: str | Path | None = 
 
 def _check_out_dir(out_dir: Path, *, given: bool) -> None:
     """The report's folder can be written, checked before any retest (by making a file there, as root may not)."""
-    from carclf.cache import check_can_create
 
     what, hint = ("--out", "pick another --out") if given else ("the report folder", "pass --out")
     if out_dir.exists() and not out_dir.is_dir():
@@ -268,8 +313,6 @@ def _write_report(client, info, trials, families, pairs, report_run_id, out_dir,
 
 
 def _chance_section(warnings: list[str]) -> str:
-    import html
-
     return "".join(f"<p class='warn'>Warning: {html.escape(w)}.</p>" for w in warnings)
 
 
@@ -324,7 +367,7 @@ def _log_report_metrics(client, run_id: str, table: pd.DataFrame, gain: pd.DataF
 
 def console_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The comparison for the terminal: the ranking metric with its interval first, the configuration
-    last (wrapped by carclf.console); report.html and comparison.csv hold every column."""
+    last (wrapped by carclf.core.console); report.html and comparison.csv hold every column."""
     shown = _with_intervals(table, metric)
     first = f"test {ranking_metric(metric)}"
     order = ["model", metric, chooser_header(metric), "seeds", first,
@@ -333,9 +376,6 @@ def console_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def cli_report(args) -> int:
-    from carclf.browse import ui_heading, ui_path, ui_url
-    from carclf.console import fit_table, wrapped
-
     result = build_report(args.sweep, seeds=args.seeds, out=args.out, progress=True)
     metric = result.info.metric
     shown = console_table(result.table, metric)

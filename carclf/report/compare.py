@@ -6,7 +6,7 @@
 Intervals are percentile bootstrap intervals over test images, paired across seeds (each resample
 draws the same images for every seed; the metric is averaged over seeds). McNemar's exact test
 compares the representative runs (the first seed) of every pair of models on the same test images.
-The statistics themselves are in carclf.stats; this module applies them to retested families.
+The statistics themselves are in carclf.core.stats; this module applies them to retested families.
 
 The winner is chosen on validation, as every other choice is: the family with the best mean over its
 retests' seeds of the sweep's selection metric on the validation split (`<metric>_retest`; the trial's
@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from carclf import stats
+from carclf.core import stats
+from carclf.core.metrics import confusion, most_confused_pairs, per_class_report
+from carclf.data.prepare import SPLITS, balance
 from carclf.report.retest import FamilyRetest
 from carclf.report.selection import chosen_configuration
 
@@ -90,7 +92,6 @@ def mcnemar_table(families: list[FamilyRetest]) -> pd.DataFrame:
 
 def pooled_confusion(family: FamilyRetest) -> np.ndarray:
     """Confusion counts summed over seeds (each seed sees every test image once)."""
-    from carclf.metrics import confusion
 
     k = len(family.runs[0].classes)
     return sum(confusion(r.y_true, r.pred, k)[0] for r in family.runs)
@@ -98,7 +99,6 @@ def pooled_confusion(family: FamilyRetest) -> np.ndarray:
 
 def per_class_f1_table(families: list[FamilyRetest]) -> pd.DataFrame:
     """Per-class test F1 per model (mean over seeds), with the class's test support."""
-    from carclf.metrics import per_class_report
 
     done = [f for f in families if f.runs]
     if not done:
@@ -114,7 +114,6 @@ def per_class_f1_table(families: list[FamilyRetest]) -> pd.DataFrame:
 
 def confused_pairs_table(families: list[FamilyRetest], k: int = 5) -> pd.DataFrame:
     """Each model's most confused (true, predicted) class pairs, counts pooled over seeds."""
-    from carclf.metrics import most_confused_pairs
 
     parts = []
     for f in families:
@@ -203,7 +202,6 @@ def _disagreement(w: dict[str, Any]) -> str:
 def split_counts_table(manifest: pd.DataFrame, configs: dict[str, Any]) -> pd.DataFrame:
     """Images per class and split (train, val, test) as the runs split them, and the training split after
     each family's balancing (`configs`: family -> RunConfig); one row per class."""
-    from carclf.data import SPLITS, balance
 
     order = manifest.drop_duplicates("class").sort_values("label")["class"].tolist()  # label order
     counts = manifest.pivot_table(index="class", columns="split", values="sha256", aggfunc="count", fill_value=0)

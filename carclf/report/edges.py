@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
+from carclf.report.render import _html_table
 from carclf.report.selection import SweepInfo
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,6 @@ EDGE_ARTIFACT = "edge_warnings.json"  # on the sweep's parent run
 
 def load_edge_warnings(client, info: SweepInfo) -> list[dict[str, Any]]:
     """The parent run's edge warnings; [] when it has none. An unreadable file is logged and skipped."""
-    from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -73,7 +74,6 @@ def _num(x: Any) -> str:
 
 def edge_section(warnings: list[dict[str, Any]]) -> str:
     """The report's section on search ranges whose best value sits at an edge ('' without warnings)."""
-    from carclf.report.render import _html_table
 
     if not warnings:
         return ""

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from carclf import stats
+from carclf.core import stats
 from carclf.report.compare import ranking_metric, retest_val
+from carclf.report.render import _html_table
 from carclf.report.retest import FamilyRetest, retest_trial
 from carclf.report.selection import BASELINE_TAG, ROLE_TAG, parent_run
 
@@ -245,7 +246,6 @@ GAIN_COLUMNS = ("family", "default_of", "seeds_best", "seeds_default", "val_best
 
 def gain_section(table: pd.DataFrame, metric: str) -> str:
     """The report's 'Did tuning pay?' section (HTML): the verdicts in words, then the figures."""
-    from carclf.report.render import _html_table
 
     e = html.escape
     head = ("<h2>Did tuning pay? Best against default configuration</h2><p class='note'>Each family's retested best "

@@ -5,7 +5,7 @@ and one self-contained HTML page.
     page = render_html(info=info, table=table, mcnemar=mcn, ..., figures_png=figures, notes=notes)
 
 The page needs nothing else: tables are inline and figures are base64 data URIs. The figures
-themselves are drawn by carclf.figures.
+themselves are drawn by carclf.core.figures.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from carclf.core.figures import confusion_figure, metric_bars_figure, split_counts_figure
 from carclf.report.compare import TABLE_METRICS, pooled_confusion, retest_column, winner_sentence
 from carclf.report.retest import FamilyRetest
 from carclf.report.selection import SweepInfo
@@ -31,7 +32,6 @@ def report_figures(families: list[FamilyRetest], table: pd.DataFrame,
                    split_counts: pd.DataFrame | None = None) -> dict[str, Any]:
     """The report's matplotlib Figures: the comparison bars, the images per class and split (when
     `split_counts` is given), and one confusion matrix per family (key `confusion_<family>`)."""
-    from carclf.figures import confusion_figure, metric_bars_figure, split_counts_figure
 
     done = [f for f in families if f.runs]
     if not done:

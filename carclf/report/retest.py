@@ -25,9 +25,12 @@ import numpy as np
 import pandas as pd
 
 from carclf.config import RunConfig, validate_run_config
-from carclf.errors import CarclfError, SweepError
+from carclf.core.errors import CarclfError, SweepError
+from carclf.core.threads import torch_threads
+from carclf.experiment import THREADS_TAG, run_experiment
 from carclf.report.selection import ROLE_TAG, SWEEP_MODEL_TAG, SWEEP_TAG, SweepInfo, sweep_uri, trial_config
-from carclf.threads import torch_threads
+from carclf.training.features import manifest_train_key
+from carclf.training.prefetch import prefetch_features
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,6 @@ def deterministic_training(cfg: RunConfig, manifest: pd.DataFrame, seeds: Sequen
     rows, the backbone's weights come from a file). So is the logistic kernel (lbfgs draws nothing).
     LinearSVC ('liblinear') shuffles by its random_state, and svm.calibration 'holdout' holds out by it.
     """
-    from carclf.features import manifest_train_key
 
     if not cfg.is_svm or cfg.svm.linear_impl != "svc" or cfg.svm.calibration != "cv" or len(seeds) < 2:
         return ""
@@ -173,7 +175,6 @@ def retest_trial(client, info: SweepInfo, trial: dict | pd.Series, *, seeds: int
 def features_first(configs: list[RunConfig], *, progress: bool = False) -> None:
     """The configs' features (the test split's too) extracted with every core before the retests: the first
     seed retrains on the trial's thread count (one, for a one-CPU trial), which the extraction need not share."""
-    from carclf.prefetch import prefetch_features
 
     done = prefetch_features(configs, splits=("train", "val", "test"), progress=progress)
     if done.n_extracted:
@@ -184,7 +185,6 @@ def features_first(configs: list[RunConfig], *, progress: bool = False) -> None:
 def retest_family(family: FamilyRetest, configs: list[RunConfig], *, client, report_run_id: str,
                   info: SweepInfo, role: str = "retest", progress: bool = False) -> FamilyRetest:
     """Retrain and test one family once per config; a failed seed is recorded, the others go on."""
-    from carclf.experiment import run_experiment
 
     for i, cfg in enumerate(configs):
         tags = {ROLE_TAG: role, SWEEP_TAG: info.name, REPORT_RUN_TAG: report_run_id, SWEEP_MODEL_TAG: family.model,
@@ -204,7 +204,6 @@ def retest_family(family: FamilyRetest, configs: list[RunConfig], *, client, rep
 
 def trial_threads(client, run_id: str) -> int | None:
     """The CPU threads a trial run trained with (its carclf.torch_threads tag), if it recorded them."""
-    from carclf.experiment import THREADS_TAG
 
     value = client.get_run(run_id).data.tags.get(THREADS_TAG, "")
     return int(value) if value.isdigit() else None

@@ -19,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-from carclf import paths
-from carclf.config import RunConfig, flatten, read_yaml, set_dotted, validate_run_config
-from carclf.errors import CarclfError, SweepError, TrackingError
+from carclf.config import RunConfig, read_yaml, set_dotted, validate_run_config
+from carclf.core import paths
+from carclf.core.errors import CarclfError, SweepError, TrackingError
+from carclf.models.networks import finetune_applies
+from carclf.tracking.browse import ui_heading, ui_path, ui_url, view_id
+from carclf.tracking.runs import flatten, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +91,16 @@ def resolve_sweep(sweep: str | Path) -> SweepInfo:
 
 
 def sweep_uri(info: SweepInfo) -> str:
-    from carclf.tracking import resolve_tracking_uri
-
     return resolve_tracking_uri(info.tracking_uri)
 
 
 def sweep_client(info: SweepInfo):
-    from mlflow.tracking import MlflowClient
-
     uri = sweep_uri(info)
     # the registry lives in the same store; without this a client would follow mlflow's global registry URI
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def parent_run(client, info: SweepInfo):
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_run(info.parent_run_id)
     except MlflowException as e:
@@ -189,7 +189,6 @@ def unfinished(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def trial_config(client, run_id: str) -> RunConfig:
     """The RunConfig a trial ran with: its config.yaml artifact, else rebuilt from its params."""
-    from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -206,7 +205,6 @@ def trial_config(client, run_id: str) -> RunConfig:
 
 def param_value(raw: str) -> Any:
     """A config value from its MLflow param string (YAML scalars and lists; 'None' is None)."""
-    import yaml
 
     if raw == "None":
         return None
@@ -219,7 +217,6 @@ def param_value(raw: str) -> Any:
 def configuration_keys(cfg: RunConfig) -> tuple[str, ...]:
     """The searched settings the config's family uses: no gamma for a linear SVM, no finetune for a network
     trained from scratch, no samples_per_class without balancing."""
-    from carclf.models import finetune_applies
 
     if cfg.is_svm:
         keys, unused = SVM_KEYS, {"svm.gamma", "svm.gamma_factor"} if cfg.svm.kernel != "rbf" else set()
@@ -251,3 +248,14 @@ def _fmt(value: Any, key: str = "") -> str:
     text = str(value)
     # a weights file is known by its name; the folder differs per machine and drowns the table
     return Path(text).name if ("/" in text or "\\" in text) else text
+
+
+def sweep_lines(info) -> list[str]:
+    """Where to look at a finished sweep in the UI: its trials (the saved view) and its parent run.
+    `info`: carclf.report.SweepInfo."""
+
+    experiment_id = sweep_client(info).get_run(info.parent_run_id).info.experiment_id
+    uri = info.tracking_uri
+    return [ui_heading(uri),
+            f"  the trials, best first: {ui_url(uri, ui_path(experiment_id, view_id=view_id(info.name)))}",
+            f"  the sweep's parent run: {ui_url(uri, ui_path(experiment_id, run_id=info.parent_run_id))}"]
