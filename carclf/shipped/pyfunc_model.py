@@ -1,6 +1,6 @@
 """The MLflow "models from code" file of every carclf model: MLflow runs it to load one.
 
-carclf never imports this file: `carclf.tracking.runs` hands its path to `mlflow.pyfunc.log_model`
+carclf never imports this file: `carclf.tracking` hands its path to `mlflow.pyfunc.log_model`
 as `python_model`, so no Python object is pickled into the model. The classifier itself is
 `car_classifier`, which travels with the model in its `code/` folder (`code_paths`); MLflow
 puts that folder on sys.path before running this file, so loading a model needs no carclf.
@@ -19,7 +19,7 @@ try:
 except ModuleNotFoundError as e:
     if e.name != "car_classifier":
         raise
-    from carclf.shipped import car_classifier  # being logged by carclf: the very file the model ships
+    from carclf import car_classifier  # being logged by carclf: the very file the model ships
 
 
 class CarClassifierModel(PythonModel):
