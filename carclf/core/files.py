@@ -1,4 +1,7 @@
 """Files on disk: written whole or not at all, checked writable before work starts, locked, hashed."""
+
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
@@ -36,9 +39,8 @@ def sha256_bytes(data: bytes) -> str:
 # mkstemp gives); what a user is meant to read (results, reports, predictions) gets what an ordinary
 # new file would: the user's umask decides.
 PRIVATE_FILE_MODE = 0o600
-
-
 USER_FILE_MODE = 0o666
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write that failed for want of room
 
 
 @contextlib.contextmanager
@@ -123,6 +125,3 @@ def write_error(path: Path | str, exc: OSError, what: str = "", hint: str = "") 
     if exc.errno in _FULL:
         hint = "free some space" + (f", or {hint}" if hint else "")
     return DataError(f"cannot write {what + ' ' if what else ''}{path}: {reason}" + (f" ({hint})" if hint else ""))
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)

