@@ -126,5 +126,6 @@ def simple_cnn() -> Architecture:
 
 @register_model(kind="svm")
 def svm(**kw) -> Pipeline:
-    """The SVM head on CNN features: carclf.models.svm.svm_pipeline (StandardScaler, then a calibrated SVC or LinearSVC)."""
+    """The SVM head on CNN features: carclf.models.svm.svm_pipeline (StandardScaler, then a calibrated SVC or
+    LinearSVC)."""
     return svm_pipeline(**kw)
